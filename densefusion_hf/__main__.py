@@ -1,0 +1,4 @@
+from densefusion_hf.cli import main
+
+if __name__ == "__main__":
+    main()

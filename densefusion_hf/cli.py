@@ -1,0 +1,119 @@
+"""The ``df-hf`` command line."""
+
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+from pathlib import Path
+
+import click
+
+from densefusion_hf import __version__
+from densefusion_hf.errors import UserError
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="densefusion-hf")
+def cli():
+    """Build DenseFusion-style dense image-caption datasets and publish them for `datasets.load_dataset`.
+
+    A recipe (builders/*.yaml) names the metadata, the filters, the download policy and the output.
+    `df-hf build builders/demo.yaml` builds the embedded offline demo end to end.
+    """
+
+
+@cli.command()
+@click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Work directory holding every stage's shards, the manifest and the dataset "
+                   "[default: ./work/<recipe name>].")
+@click.option("--only", metavar="STAGE,...", default=None,
+              help="Run only these stages (comma-separated, e.g. fetch,publish); the stages before them must "
+                   "already be complete in the work directory.")
+@click.option("--fresh", is_flag=True,
+              help="Discard the outputs of the selected stages and of every stage after them, then rebuild. "
+                   "Without it, a build resumes: finished shards are kept and skipped.")
+@click.option("--progress/--no-progress", default=True, show_default=True,
+              help="Show progress bars (on stderr).")
+def build(recipe: Path, workdir: Path | None, only: str | None, fresh: bool, progress: bool):
+    """Build the dataset described by RECIPE (a builders/*.yaml file).
+
+    Stages run in the recipe's order: ingest (metadata, keys, metadata filters), fetch (img2dataset
+    download and decode check), publish (Parquet + dataset card in WORKDIR/dataset). A build that is
+    interrupted or crashes resumes where it stopped when run again; a recipe change that would make
+    finished outputs wrong is refused until you pass --fresh.
+    """
+    from densefusion_hf.pipeline import build as run_build, default_workdir
+    from densefusion_hf.recipe import load_recipe
+    from densefusion_hf.stages.publish import dataset_folder
+
+    loaded = load_recipe(recipe)
+    workdir = workdir or default_workdir(loaded)
+    results = run_build(loaded, workdir, only=only, fresh=fresh, show_progress=progress)
+    click.echo(f"Built {loaded.name} in {workdir}: {', '.join(results)} done.")
+    if "publish" in results:
+        folder = dataset_folder(loaded, workdir)
+        click.echo(f"Dataset: {folder} ({results['publish'].get('rows_out', 0)} rows). "
+                   f"Load it with datasets.load_dataset({str(folder)!r}).")
+    click.echo(f"Per-stage counts: df-hf status {workdir}")
+
+
+@cli.command()
+@click.argument("workdir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON instead of a table.")
+def status(workdir: Path, as_json: bool):
+    """Show, per stage, shards done / total and rows in / kept / dropped by reason in WORKDIR."""
+    from densefusion_hf.status import collect_status, format_status
+
+    report = collect_status(workdir)
+    click.echo(json.dumps(report, indent=2) if as_json else format_status(report))
+
+
+@cli.group()
+def recipe():
+    """Check recipes and list their fields."""
+
+
+@recipe.command("check")
+@click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
+def recipe_check(path: Path):
+    """Validate the recipe at PATH and print its stages."""
+    from densefusion_hf.recipe import load_recipe
+
+    loaded = load_recipe(path)
+    click.echo(f"{path}: valid recipe '{loaded.name}' {loaded.version}; stages: {', '.join(loaded.stages)}")
+
+
+@recipe.command("fields")
+def recipe_fields():
+    """List every recipe field with its type and meaning."""
+    from densefusion_hf.recipe import recipe_fields as fields
+
+    for path, kind, text in fields():
+        click.echo(f"{path:32s} {kind}" + (f"\n{'':32s}   {text}" if text else ""))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: one paragraph and a non-zero status on failure, never a lost build."""
+    try:
+        cli.main(args=argv, prog_name="df-hf", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("Interrupted. Finished shards are kept: run the same command again to resume.", err=True)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        click.echo("\nInterrupted. Finished shards are kept: run the same command again to resume.", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except UserError as exc:
+        click.echo(f"Error: {exc}", err=True)
+        sys.exit(1)
+    except Exception as exc:  # an unexpected failure: keep the traceback, say that work is kept
+        traceback.print_exc()
+        click.echo(f"\nError: unexpected {type(exc).__name__}: {exc}. Finished shards are kept; after fixing "
+                   f"the cause, run the same command again to resume. Please report this with the "
+                   f"traceback above.", err=True)
+        sys.exit(1)
+    sys.exit(0)

@@ -1,0 +1,91 @@
+"""The local runner: run a recipe's stages in order in one work directory, resuming by default."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from contextlib import contextmanager
+from pathlib import Path
+
+from densefusion_hf.errors import UserError
+from densefusion_hf.manifest import MANIFEST_NAME, Manifest, fingerprint
+from densefusion_hf.recipe import Recipe
+from densefusion_hf.stages import STAGES
+from densefusion_hf.stages.base import BuildContext
+
+
+def default_workdir(recipe: Recipe) -> Path:
+    return Path("work") / recipe.name
+
+
+def parse_only(only: str | None, recipe: Recipe) -> list[str]:
+    """``--only fetch,publish`` -> the stages to run, checked against the recipe."""
+    if not only:
+        return list(recipe.stages)
+    names = [n.strip() for n in only.split(",") if n.strip()]
+    unknown = [n for n in names if n not in recipe.stages]
+    if unknown or not names:
+        raise UserError(f"--only {only}: unknown stage {', '.join(unknown) or '(none given)'}. "
+                        f"This recipe's stages are: {', '.join(recipe.stages)}.")
+    return [n for n in recipe.stages if n in names]
+
+
+@contextmanager
+def _locked(workdir: Path):
+    """One build per work directory at a time; the lock dies with the process."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    with open(workdir / ".lock", "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            raise UserError(f"Another build is running in {workdir} (process {handle.read().strip() or '?'}). "
+                            f"Wait for it, or use another --workdir.") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        yield
+
+
+def _check_workdir(workdir: Path) -> None:
+    if workdir.exists() and any(workdir.iterdir()) and not (workdir / MANIFEST_NAME).exists() \
+            and not (workdir / ".lock").exists():
+        raise UserError(f"{workdir} exists and is not a densefusion-hf work directory (no {MANIFEST_NAME}). "
+                        f"Choose an empty or new --workdir.")
+
+
+def build(recipe: Recipe, workdir: Path, only: str | None = None, fresh: bool = False,
+          show_progress: bool = True) -> dict:
+    """Run the recipe; return {stage: summary}.  Raises UserError for anything the user can fix."""
+    workdir = Path(workdir)
+    selected = parse_only(only, recipe)
+    _check_workdir(workdir)
+    ctx = BuildContext(recipe=recipe, workdir=workdir, show_progress=show_progress)
+    results = {}
+    with _locked(workdir):
+        manifest = Manifest(workdir)
+        if fresh:
+            # A stage rebuilt from scratch invalidates everything after it too.
+            first = recipe.stages.index(selected[0])
+            for name in recipe.stages[first:]:
+                STAGES[name].clear(ctx)
+                manifest.data["stages"].pop(name, None)
+        manifest.set_recipe(recipe)
+
+        upstream, upstream_fp = None, None
+        for name in recipe.stages[: recipe.stages.index(selected[-1]) + 1]:
+            stage = STAGES[name]
+            params = stage.params(recipe)
+            fp = fingerprint(params, upstream_fp)
+            manifest.check(name, params, fp, stage.has_outputs(ctx), workdir)
+            if name in selected:
+                if upstream is not None and not (manifest.stage(upstream) or {}).get("complete"):
+                    raise UserError(f"Stage '{name}' reads the output of '{upstream}', which is not complete "
+                                    f"in {workdir}. Run it first: `--only {upstream},{name}`, or no --only.")
+                manifest.record(name, params, fp, complete=False)
+                summary = stage.run(ctx, upstream)
+                manifest.record(name, params, fp, complete=True, **summary)
+                results[name] = summary
+            upstream, upstream_fp = name, fp
+    return results

@@ -1,0 +1,155 @@
+"""The stage contract on disk: ``WORKDIR/<stage>/`` holds one set of files per shard.
+
+    shard-00003.parquet          the rows kept (written under a temporary name, renamed when complete)
+    shard-00003.dropped.parquet  every row dropped, with its key, URL, reason and detail
+    shard-00003.stats.json       counts for ``df-hf status`` and the dataset card
+    shard-00003.done             written last: a shard without it is redone on the next run
+
+Renames are atomic, so a build killed at any instant leaves each shard either complete or absent.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections import Counter
+from pathlib import Path
+from typing import Iterable
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+DROPPED_SCHEMA = pa.schema([
+    ("key", pa.string()),
+    ("url", pa.string()),
+    ("reason", pa.string()),
+    ("detail", pa.string()),
+])
+
+
+def shard_name(index: int) -> str:
+    return f"{index:05d}"
+
+
+def temporary_name(path: Path) -> Path:
+    """Where ``path`` is written before its rename; ``StageDir.prepare`` removes leftovers."""
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = temporary_name(path)
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: Path, obj) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+
+
+class ShardWriter:
+    """Write a Parquet file under a temporary name; ``commit()`` renames it into place."""
+
+    def __init__(self, path: Path, schema: pa.Schema):
+        self.path = path
+        self.tmp = temporary_name(path)
+        self.rows = 0
+        self._writer = pq.ParquetWriter(self.tmp, schema)
+
+    def write(self, table: pa.Table | pa.RecordBatch) -> None:
+        if isinstance(table, pa.RecordBatch):
+            table = pa.Table.from_batches([table])
+        self._writer.write_table(table)
+        self.rows += table.num_rows
+
+    def commit(self) -> None:
+        self._writer.close()
+        os.replace(self.tmp, self.path)
+
+    def abort(self) -> None:
+        self._writer.close()
+        self.tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, exc_type, *rest) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.abort()
+
+
+class StageDir:
+    """The folder of one stage's outputs."""
+
+    def __init__(self, workdir: Path, stage: str):
+        self.stage = stage
+        self.path = Path(workdir) / stage
+
+    def shard_path(self, shard: str) -> Path:
+        return self.path / f"shard-{shard}.parquet"
+
+    def dropped_path(self, shard: str) -> Path:
+        return self.path / f"shard-{shard}.dropped.parquet"
+
+    def stats_path(self, shard: str) -> Path:
+        return self.path / f"shard-{shard}.stats.json"
+
+    def done_path(self, shard: str) -> Path:
+        return self.path / f"shard-{shard}.done"
+
+    def is_done(self, shard: str) -> bool:
+        return self.done_path(shard).exists()
+
+    def done_shards(self) -> list[str]:
+        if not self.path.is_dir():
+            return []
+        return sorted(p.name[len("shard-"):-len(".done")] for p in self.path.glob("shard-*.done"))
+
+    def prepare(self) -> None:
+        """Create the folder and remove what an interrupted run left half-written."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        for leftover in self.path.glob(".*.tmp-*"):
+            if leftover.is_dir():
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
+                leftover.unlink(missing_ok=True)
+
+    def writer(self, shard: str, schema: pa.Schema) -> ShardWriter:
+        return ShardWriter(self.shard_path(shard), schema)
+
+    def scratch(self, shard: str) -> Path:
+        """A temporary folder for one shard's intermediate files, removed by ``prepare`` if left over."""
+        path = temporary_name(self.path / f"shard-{shard}.scratch")
+        shutil.rmtree(path, ignore_errors=True)
+        path.mkdir(parents=True)
+        return path
+
+    def finish(self, shard: str, dropped: Iterable[dict], stats: dict) -> dict:
+        """Write the dropped rows and stats, then the done marker: the shard's commit point."""
+        dropped = list(dropped)
+        tmp = temporary_name(self.dropped_path(shard))
+        pq.write_table(pa.Table.from_pylist(dropped, schema=DROPPED_SCHEMA), tmp)
+        os.replace(tmp, self.dropped_path(shard))
+        stats = dict(stats, shard=shard, dropped=dict(sorted(Counter(d["reason"] for d in dropped).items())))
+        stats["rows_dropped"] = len(dropped)
+        atomic_write_json(self.stats_path(shard), stats)
+        atomic_write_bytes(self.done_path(shard), b"")
+        return stats
+
+    def read(self, shard: str, columns: list[str] | None = None, memory_map: bool = True) -> pa.Table:
+        return pq.read_table(self.shard_path(shard), columns=columns, memory_map=memory_map)
+
+    def read_dropped(self) -> pa.Table:
+        tables = [pq.read_table(self.dropped_path(s)) for s in self.done_shards()]
+        return pa.concat_tables(tables) if tables else DROPPED_SCHEMA.empty_table()
+
+    def stats(self, shard: str) -> dict:
+        return json.loads(self.stats_path(shard).read_text())
+
+    def all_stats(self) -> list[dict]:
+        return [self.stats(s) for s in self.done_shards()]
+
+    def clear(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)

@@ -1,0 +1,174 @@
+"""fetch: download each ingest shard's images with img2dataset (its Python API, Parquet output).
+
+One img2dataset run per shard, in a scratch folder; its chatter goes to ``fetch/shard-N.log`` and its
+per-shard stats into ours.  Every downloaded file is then decoded in full with Pillow, because with the
+default "keep the original bytes" policy img2dataset does not decode, and an empty file, a truncated
+JPEG or an HTML error page would otherwise pass as a success.  Each failure is a dropped row with
+img2dataset's status (``failed_to_download``, ``failed_to_resize``) or ``undecodable``, and the reason.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import signal
+import time
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from densefusion_hf.console import output_to_file
+from densefusion_hf.images import UnreadableImage, inspect_image
+from densefusion_hf.recipe import Recipe
+from densefusion_hf.sample.server import SampleServer, proxied_through
+from densefusion_hf.shards import StageDir
+from densefusion_hf.stages.base import BuildContext, ShardStage
+
+# albumentations (imported by img2dataset) asks the network for updates unless told not to.
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+# Columns fetch adds to (or replaces in) the ingest shard.
+IMAGE_COLUMNS = pa.schema([
+    ("width", pa.int64()),            # size of the stored image
+    ("height", pa.int64()),
+    ("original_width", pa.int64()),   # size before a resize (equal when none)
+    ("original_height", pa.int64()),
+    ("image_format", pa.string()),
+    ("sha256", pa.string()),          # of the stored bytes
+    ("image", pa.binary()),
+])
+
+_WRITE_BATCH = 256
+
+
+def img2dataset_options(recipe: Recipe) -> dict:
+    """The recipe's download policy in img2dataset's words."""
+    fetch = recipe.fetch
+    options = dict(
+        timeout=fetch.timeout, retries=fetch.retries, processes_count=fetch.processes,
+        thread_count=fetch.threads, user_agent_token=fetch.user_agent_token,
+    )
+    if fetch.resize.max_side is None:
+        options.update(resize_mode="no", disable_all_reencoding=True)
+    else:
+        options.update(resize_mode="keep_ratio_largest", image_size=fetch.resize.max_side,
+                       resize_only_if_bigger=True, skip_reencode=True,
+                       encode_format=fetch.encode_format, encode_quality=fetch.encode_quality)
+    return options
+
+
+def run_img2dataset(urls_path: str, output_folder: str, rows: int, options: dict) -> None:
+    import img2dataset
+
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        img2dataset.download(
+            url_list=urls_path, input_format="parquet", url_col="url", caption_col="text",
+            save_additional_columns=["row_key"], output_folder=output_folder, output_format="parquet",
+            number_sample_per_shard=max(rows, 1), incremental_mode="incremental", extract_exif=False,
+            compute_hash=None, enable_wandb=False, **options,
+        )
+    except SystemExit:
+        # img2dataset answers Ctrl-C with sys.exit(0); a stopped download is not a success.
+        raise KeyboardInterrupt from None
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+class Fetch(ShardStage):
+    name = "fetch"
+
+    def params(self, recipe: Recipe) -> dict:
+        params: dict = {"resize_max_side": recipe.fetch.resize.max_side}
+        if recipe.fetch.resize.max_side is not None:
+            params.update(encode_format=recipe.fetch.encode_format, encode_quality=recipe.fetch.encode_quality)
+        return params
+
+    def session(self, ctx: BuildContext):
+        if not ctx.recipe.source.sample:
+            return contextlib.nullcontext()
+        stack = contextlib.ExitStack()
+        server = stack.enter_context(SampleServer(ctx.workdir / "sample" / "files"))
+        stack.enter_context(proxied_through(server))
+        return stack
+
+    def run_shard(self, ctx: BuildContext, shard: str, source: StageDir, out: StageDir) -> dict:
+        started = time.monotonic()
+        rows = source.read(shard)
+        scratch = out.scratch(shard)
+        downloaded = scratch / "img2dataset"
+        results, i2d_stats = None, {}
+        if rows.num_rows:
+            urls = pa.table({"url": rows["url"], "text": rows["text"], "row_key": rows["key"]})
+            pq.write_table(urls, scratch / "urls.parquet")
+            log_path = out.path / f"shard-{shard}.img2dataset.log"
+            with output_to_file(log_path):
+                run_img2dataset(str(scratch / "urls.parquet"), str(downloaded), rows.num_rows,
+                                img2dataset_options(ctx.recipe))
+            parts = sorted(downloaded.glob("*.parquet"))
+            results = pa.concat_tables([pq.read_table(p, memory_map=True) for p in parts]) if parts else None
+            for stats_file in sorted(downloaded.glob("*_stats.json")):
+                part = json.loads(stats_file.read_text())
+                for field in ("count", "successes", "failed_to_download", "failed_to_resize"):
+                    i2d_stats[field] = i2d_stats.get(field, 0) + part.get(field, 0)
+                for status, count in part.get("status_dict", {}).items():
+                    i2d_stats.setdefault("status_dict", {})
+                    i2d_stats["status_dict"][status] = i2d_stats["status_dict"].get(status, 0) + count
+
+        schema = self.output_schema(rows.schema)
+        drops: list[dict] = []
+        position = {}
+        if results is not None:
+            position = {k: i for i, k in enumerate(results.column("row_key").to_pylist())}
+        with out.writer(shard, schema) as writer:
+            for start in range(0, rows.num_rows, _WRITE_BATCH):
+                batch = rows.slice(start, _WRITE_BATCH)
+                kept = self._check_batch(batch, results, position, drops)
+                writer.write(pa.Table.from_pylist(kept, schema=schema))
+            rows_out = writer.rows
+        shutil.rmtree(scratch, ignore_errors=True)
+        return out.finish(shard, drops, {
+            "rows_in": rows.num_rows, "rows_out": rows_out,
+            "seconds": round(time.monotonic() - started, 3), "img2dataset": i2d_stats,
+        })
+
+    @staticmethod
+    def output_schema(ingest_schema: pa.Schema) -> pa.Schema:
+        fields = [f for f in ingest_schema if f.name not in IMAGE_COLUMNS.names]
+        return pa.schema(fields + list(IMAGE_COLUMNS))
+
+    @staticmethod
+    def _check_batch(batch: pa.Table, results: pa.Table | None, position: dict, drops: list) -> list[dict]:
+        kept = []
+        wanted = [position.get(k) for k in batch.column("key").to_pylist()]
+        found = [i for i in wanted if i is not None]
+        fetched = results.take(found).to_pylist() if found else []
+        by_key = {r["row_key"]: r for r in fetched}
+        for row in batch.to_pylist():
+            result = by_key.get(row["key"])
+            base = {"key": row["key"], "url": row["url"]}
+            if result is None:
+                drops.append(dict(base, reason="missing_from_download",
+                                  detail="img2dataset returned no row for this URL"))
+                continue
+            if result["status"] != "success":
+                drops.append(dict(base, reason=result["status"] or "failed_to_download",
+                                  detail=result["error_message"] or ""))
+                continue
+            data = result["jpg"] or b""
+            try:
+                info = inspect_image(data)
+            except UnreadableImage as exc:
+                drops.append(dict(base, reason="undecodable", detail=str(exc)))
+                continue
+            row.update(
+                width=info.width, height=info.height,
+                original_width=result["original_width"] or info.width,
+                original_height=result["original_height"] or info.height,
+                image_format=info.format, sha256=hashlib.sha256(data).hexdigest(), image=data,
+            )
+            kept.append(row)
+        return kept
