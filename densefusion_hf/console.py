@@ -19,16 +19,18 @@ def progress(total: int | None, desc: str, unit: str, enabled: bool = True, init
 def output_to_file(path: Path):
     """Send this process's stdout and stderr, and its children's, to ``path`` for the duration.
 
-    Works on the file descriptors, so it also catches output of worker processes started inside.
+    Works on the file descriptors, so it also catches output of worker processes started inside, and
+    on ``sys.stdout``/``sys.stderr``, which need not write to those descriptors (notebooks, test runners).
     """
     sys.stdout.flush()
     sys.stderr.flush()
     saved = os.dup(1), os.dup(2)
-    with open(path, "ab") as log:
+    with open(path, "a", buffering=1) as log:
         os.dup2(log.fileno(), 1)
         os.dup2(log.fileno(), 2)
         try:
-            yield
+            with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+                yield
         finally:
             sys.stdout.flush()
             sys.stderr.flush()

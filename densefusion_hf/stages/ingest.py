@@ -67,7 +67,7 @@ def _check_columns(recipe: Recipe, path: Path, schema: pa.Schema) -> dict[str, s
             raise UserError(f"{path} has no column {theirs!r}, which the recipe names in "
                             f"source.columns.{ours}. Its columns are: {', '.join(schema.names)}. "
                             f"Set source.columns.{ours} to the right name"
-                            + (" (or null if it has none)." if ours != "url" else "."))
+                            + (" (or null if it has none)." if ours not in ("url", "text") else "."))
         mapping[ours] = theirs
     for extra in recipe.source.keep_columns:
         if extra not in names:
