@@ -42,3 +42,17 @@ def inspect_image(data: bytes) -> ImageInfo:
             raise UnreadableImage("HTML page, not an image") from None
         raise UnreadableImage(f"{type(exc).__name__}: {exc}") from None
     return ImageInfo(width, height, fmt)
+
+
+def load_rgb(data: bytes) -> Image.Image:
+    """Decode for a model: EXIF orientation applied, converted to RGB (alpha composited on white)."""
+    from PIL import ImageOps
+
+    with Image.open(io.BytesIO(data)) as image:
+        image = ImageOps.exif_transpose(image)
+        if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
+            rgba = image.convert("RGBA")
+            background = Image.new("RGB", rgba.size, (255, 255, 255))
+            background.paste(rgba, mask=rgba.getchannel("A"))
+            return background
+        return image.convert("RGB")

@@ -18,7 +18,7 @@ from densefusion_hf.errors import RecipeError
 from densefusion_hf.schema import SchemaProblem, describe_fields, option, parse
 
 # Stages in the order a build runs them.  Each name is a module in densefusion_hf.stages.
-STAGE_ORDER = ("ingest", "fetch", "publish")
+STAGE_ORDER = ("ingest", "fetch", "dedup", "embed", "semdedup", "select", "publish")
 
 
 @dataclass
@@ -83,6 +83,84 @@ class Fetch:
 
 
 @dataclass
+class Dedup:
+    """Exact (sha256) and perceptual (image hash) duplicates. In each group the image with the most pixels
+    is kept, then the one with the highest similarity, then the smallest key; the others are dropped
+    with ``dup_of``."""
+
+    exact: bool = option(True, help="drop byte-identical images (same sha256)")
+    perceptual: bool = option(True, help="drop near-identical images (image hashes within the threshold)")
+    algorithm: Literal["phash", "dhash", "ahash", "whash"] = option("phash", help="imagehash algorithm")
+    hash_size: int = option(8, ge=2, le=8, help="hash side; the hash has hash_size**2 bits (at most 64)")
+    threshold: int = option(8, ge=0, le=32, help="largest Hamming distance between near duplicates")
+    processes: Optional[int] = option(None, ge=1, help="hashing processes (default: all cores; "
+                                                       "does not change the output)")
+
+
+@dataclass
+class Embed:
+    """Image embeddings, written in clip-retrieval's layout (img_emb/ + metadata/)."""
+
+    model: Optional[str] = option(None, help="CLIP or SigLIP model: a Hub id or a local folder "
+                                             "(sample:tiny-clip is a random model for the offline demo)")
+    batch_size: int = option(32, ge=1, help="images per forward pass (does not change the output)")
+    device: Literal["auto", "cpu", "cuda"] = option("auto", help="auto: cuda when present, else cpu")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = option(
+        "auto", help="auto: float16 on cuda, float32 on cpu")
+
+
+@dataclass
+class SemDedup:
+    """SemDeDup: k-means over the embeddings, then near duplicates inside each cluster."""
+
+    clusters: int = option(50_000, ge=1, help="k-means clusters (the paper: 50,000)")
+    eps: float = option(0.4, gt=0, le=2, help="pairs in a cluster with cosine distance < eps are duplicates")
+    seed: int = option(0, help="seed of k-means (the same seed selects the same rows)")
+    train_points: Optional[int] = option(None, ge=1, help="k-means trains on a sample of this many points "
+                                                          "(default: 256 per cluster)")
+
+
+@dataclass
+class Category:
+    name: str = option(pattern=r"[a-z0-9][a-z0-9_-]*", help="category name (lower case)")
+    prompts: list[str] = option(help="texts describing the category, embedded with the embed model")
+    min_share: Optional[float] = option(None, ge=0, le=1, help="at least this share of the selection")
+    max_share: Optional[float] = option(None, ge=0, le=1, help="at most this share of the selection")
+
+
+@dataclass
+class Subset:
+    size: int = option(ge=1, help="rows in the random subset")
+    seed: int = option(0, help="seed; the same seed gives the same subset")
+
+
+@dataclass
+class Select:
+    """Filters on the downloaded images, categories, and cluster-based selection."""
+
+    min_short_side: Optional[int] = option(None, ge=1, help="drop images whose real short side is smaller")
+    max_aspect_ratio: Optional[float] = option(None, ge=1, help="drop images whose real aspect ratio is larger")
+    max_punsafe: Optional[float] = option(None, ge=0, le=1, help="drop rows whose punsafe is larger")
+    max_pwatermark: Optional[float] = option(None, ge=0, le=1, help="drop rows whose pwatermark is larger")
+    min_similarity: Optional[float] = option(None, ge=-1, le=1, help="drop rows whose similarity is smaller")
+    categories: list[Category] = option(factory=list, help="categories, each with prompts and optional quotas")
+    category_threshold: float = option(0.2, ge=-1, le=1, help="an image takes its best category when the "
+                                                              "cosine similarity reaches this, else 'other'")
+    top_per_cluster: Optional[int] = option(None, ge=1, help="keep the best N images of each cluster")
+    rank_by: Literal["centroid", "similarity", "resolution"] = option(
+        "centroid", help="cluster ranking: closest to the centroid, highest similarity, or most pixels")
+    target_size: Optional[int] = option(None, ge=1, help="stop at this many rows (best ranks first)")
+    subset: Optional[Subset] = option(None, help="a seeded random subset of the selection (a derived config)")
+
+    def __post_init__(self):
+        names = [c.name for c in self.categories]
+        if len(set(names)) != len(names) or "other" in names:
+            raise SchemaProblem("select.categories", f"category names must be unique and not 'other'; found {names}")
+        if sum(c.min_share or 0 for c in self.categories) > 1:
+            raise SchemaProblem("select.categories", "the min_share values add up to more than 1")
+
+
+@dataclass
 class Publish:
     """The final dataset folder, in the Hub's no-script layout."""
 
@@ -98,13 +176,20 @@ class Recipe:
     pretty_name: Optional[str] = option(None, help="human-readable name for the dataset card")
     description: str = option("", help="one paragraph for the dataset card")
     license: str = option("other", help="license identifier for the dataset card")
-    stages: list[Literal[STAGE_ORDER]] = option(factory=lambda: list(STAGE_ORDER),  # type: ignore[valid-type]
-                                                help="stages to run, in build order")
+    stages: Optional[list[Literal[STAGE_ORDER]]] = option(  # type: ignore[valid-type]
+        None, help="stages to run, in build order (default: all; embed and semdedup only with embed.model)")
     filters: MetadataFilters = option(factory=MetadataFilters, help="metadata filters")
     fetch: Fetch = option(factory=Fetch, help="download settings")
+    dedup: Dedup = option(factory=Dedup, help="exact and perceptual deduplication")
+    embed: Embed = option(factory=Embed, help="image embeddings")
+    semdedup: SemDedup = option(factory=SemDedup, help="semantic deduplication")
+    select: Select = option(factory=Select, help="selection")
     publish: Publish = option(factory=Publish, help="output settings")
 
     def __post_init__(self):
+        if self.stages is None:
+            skip = () if self.embed.model else ("embed", "semdedup")
+            self.stages = [s for s in STAGE_ORDER if s not in skip]
         order = [s for s in STAGE_ORDER if s in self.stages]
         if order != self.stages:
             raise SchemaProblem("stages", f"stages must be listed once each, in build order "
@@ -112,6 +197,14 @@ class Recipe:
         if self.stages[:1] != ["ingest"] or (len(self.stages) > 1 and self.stages[1] != "fetch"):
             raise SchemaProblem("stages", f"every build starts with ingest, then fetch (the stages after "
                                           f"them need the images); found {self.stages}")
+        needs = {"semdedup": "embed", "select": "semdedup" if self.select.top_per_cluster else None}
+        if self.select.categories:
+            needs["select"] = needs["select"] or "embed"
+        for stage, needed in needs.items():
+            if stage in self.stages and needed and needed not in self.stages:
+                raise SchemaProblem("stages", f"{stage} needs the {needed} stage; add it to stages")
+        if "embed" in self.stages and not self.embed.model:
+            raise SchemaProblem("embed.model", "the embed stage needs a model (a Hub id or a local folder)")
         for name in ("punsafe", "pwatermark", "similarity"):
             limit = getattr(self.filters, ("min_" if name == "similarity" else "max_") + name)
             if limit is not None and getattr(self.source.columns, name) is None:
@@ -145,7 +238,11 @@ def load_recipe(path: str | Path) -> Recipe:
         data = yaml.safe_load(raw)
     except yaml.YAMLError as exc:
         raise RecipeError(f"{path}: not valid YAML: {exc}") from None
-    recipe = parse(Recipe, data, source=path, base=path.resolve().parent)
+    base = path.resolve().parent
+    recipe = parse(Recipe, data, source=path, base=base)
+    model = recipe.embed.model
+    if model and model.startswith((".", "/", "~")):  # a local folder, relative to the recipe
+        recipe.embed.model = str((base / Path(model).expanduser()).resolve())
     recipe.path = path.resolve()
     recipe.sha256 = hashlib.sha256(raw).hexdigest()
     return recipe

@@ -20,9 +20,10 @@ _NONE = type(None)
 
 
 def option(default: Any = dataclasses.MISSING, *, help: str = "", ge: float | None = None,
-           le: float | None = None, pattern: str | None = None, factory: Any = None) -> Any:
+           gt: float | None = None, le: float | None = None, pattern: str | None = None,
+           factory: Any = None) -> Any:
     """Declare a recipe field: its default (none means required), a help text and numeric limits."""
-    meta = {"help": help, "ge": ge, "le": le, "pattern": pattern}
+    meta = {"help": help, "ge": ge, "gt": gt, "le": le, "pattern": pattern}
     if factory is not None:
         return dataclasses.field(default_factory=factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -78,9 +79,11 @@ def _found(value: Any) -> str:
 
 
 def _check_limits(value: Any, meta: dict, where: str) -> None:
-    ge, le, pattern = meta.get("ge"), meta.get("le"), meta.get("pattern")
+    ge, gt, le, pattern = meta.get("ge"), meta.get("gt"), meta.get("le"), meta.get("pattern")
     if ge is not None and value < ge:
         raise SchemaProblem(where, f"must be >= {ge}, found {value!r}")
+    if gt is not None and value <= gt:
+        raise SchemaProblem(where, f"must be > {gt}, found {value!r}")
     if le is not None and value > le:
         raise SchemaProblem(where, f"must be <= {le}, found {value!r}")
     if pattern is not None:

@@ -25,6 +25,7 @@ DROPPED_SCHEMA = pa.schema([
     ("url", pa.string()),
     ("reason", pa.string()),
     ("detail", pa.string()),
+    ("dup_of", pa.string()),   # the key of the row kept in its place (duplicates only)
 ])
 
 
@@ -110,7 +111,7 @@ class StageDir:
     def prepare(self) -> None:
         """Create the folder and remove what an interrupted run left half-written."""
         self.path.mkdir(parents=True, exist_ok=True)
-        for leftover in self.path.glob(".*.tmp-*"):
+        for leftover in self.path.rglob(".*.tmp-*"):
             if leftover.is_dir():
                 shutil.rmtree(leftover, ignore_errors=True)
             else:

@@ -37,6 +37,13 @@ def photo_files() -> dict[str, bytes]:
     png = io.BytesIO()
     Image.fromarray(data.logo()).save(png, format="PNG")
     good["img/logo.png"] = png.getvalue()
+    astronaut = Image.fromarray(data.astronaut())
+    coffee = data.coffee()
+    h, w = coffee.shape[:2]
+    good["dup/astronaut-copy.jpg"] = good["img/astronaut.jpg"]          # byte-identical
+    good["dup/astronaut-small.jpg"] = jpeg_bytes(np.asarray(astronaut.resize((256, 256))), quality=60)
+    good["dup/coffee-crop.jpg"] = jpeg_bytes(coffee[h // 50: h - h // 50, w // 50: w - w // 50], quality=80)
+    good["other/astronaut-mirror.jpg"] = jpeg_bytes(np.asarray(astronaut)[:, ::-1])  # not a duplicate
     rocket = good["img/rocket.jpg"]
     broken = {
         "bad/empty.jpg": b"",

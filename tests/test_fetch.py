@@ -92,7 +92,8 @@ def test_stats_carry_img2dataset_counts(tmp_path, image_server):
     assert s["dropped"] == {"failed_to_download": 1, "undecodable": 3}
 
 
-def test_rows_keep_input_order_across_shards(tmp_path, image_server):
-    workdir, urls = _build(tmp_path, image_server, {}, rows_per_shard=3)
+def test_rows_keep_input_order_across_shards_and_download_processes(tmp_path, image_server):
+    # Two processes: img2dataset splits each of our shards in two parts, which fetch merges in input order.
+    workdir, urls = _build(tmp_path, image_server, {"processes": 2}, rows_per_shard=5)
     kept = [r["url"] for r in _rows(workdir)]
     assert kept == [u for u in urls if u in kept]

@@ -1,7 +1,11 @@
 """The build's stages, by name, in build order (see recipe.STAGE_ORDER)."""
 
+from densefusion_hf.stages.dedup import Dedup
+from densefusion_hf.stages.embed import Embed
 from densefusion_hf.stages.fetch import Fetch
 from densefusion_hf.stages.ingest import Ingest
 from densefusion_hf.stages.publish import Publish
+from densefusion_hf.stages.select import Select
+from densefusion_hf.stages.semdedup import SemDedup
 
-STAGES = {stage.name: stage for stage in (Ingest(), Fetch(), Publish())}
+STAGES = {stage.name: stage for stage in (Ingest(), Fetch(), Dedup(), Embed(), SemDedup(), Select(), Publish())}

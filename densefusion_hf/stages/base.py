@@ -7,13 +7,18 @@ A ``ShardStage`` is a plain function of (one input shard, settings) -> one outpu
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
 from densefusion_hf.console import progress
 from densefusion_hf.recipe import Recipe
-from densefusion_hf.shards import StageDir
+from densefusion_hf.shards import StageDir, temporary_name
 
 
 @dataclass
@@ -73,3 +78,71 @@ class ShardStage(Stage):
                         bar.set_postfix(kept=kept, dropped=dropped, s_per_shard=f"{time.monotonic() - started:.1f}")
                         bar.update(1)
         return {"shards_total": len(shards)}
+
+
+def with_images(ctx: BuildContext, rows: pa.Table, shard: str) -> pa.Table:
+    """``rows`` (a shard of a stage after fetch) with the ``image`` bytes from the fetch shard of the same id.
+
+    Stages after fetch keep only the small columns; the bytes stay in fetch's shards and are joined by key
+    when a stage needs pixels, so no stage copies the images again.
+    """
+    if "image" in rows.column_names:
+        return rows
+    fetched = ctx.stage_dir("fetch").read(shard, columns=["key", "image"])
+    position = {key: i for i, key in enumerate(fetched.column("key").to_pylist())}
+    order = [position[key] for key in rows.column("key").to_pylist()]
+    return rows.append_column("image", fetched.column("image").take(pa.array(order, pa.int64())))
+
+
+class GlobalStage(ShardStage):
+    """A decision over all rows at once (duplicate groups, clusters, quotas), applied shard by shard.
+
+    ``decide`` sees only small columns and returns one row per input key: ``reason`` (null keeps the
+    row), ``detail``, ``dup_of``, and any columns to add.  It is saved in ``decision.parquet`` before any
+    shard is written, so an interrupted run applies the same decision when it resumes.
+    """
+
+    def decide(self, ctx: BuildContext, source: StageDir, shards: list[str]) -> pa.Table:
+        raise NotImplementedError
+
+    def decision_path(self, ctx: BuildContext):
+        return ctx.stage_dir(self.name).path / "decision.parquet"
+
+    def run(self, ctx: BuildContext, upstream: str | None) -> dict:
+        source, out = ctx.stage_dir(upstream), ctx.stage_dir(self.name)
+        out.prepare()
+        shards = source.done_shards()
+        path = self.decision_path(ctx)
+        if not path.exists() and not all(out.is_done(s) for s in shards):
+            decision = self.decide(ctx, source, shards)
+            tmp = temporary_name(path)
+            pq.write_table(decision, tmp)
+            os.replace(tmp, path)
+        if path.exists():
+            self._decision = pq.read_table(path)
+            self._position = {k: i for i, k in enumerate(self._decision.column("key").to_pylist())}
+        return super().run(ctx, upstream)
+
+    def run_shard(self, ctx: BuildContext, shard: str, source: StageDir, out: StageDir) -> dict:
+        started = time.monotonic()
+        rows = source.read(shard)
+        decided = self._decision.take(pa.array([self._position[k] for k in rows.column("key").to_pylist()],
+                                               pa.int64()))
+        added = [n for n in decided.column_names if n not in ("key", "reason", "detail", "dup_of")]
+        for name in added:
+            column = decided.column(name)
+            if name in rows.column_names:
+                rows = rows.set_column(rows.column_names.index(name), name, column)
+            else:
+                rows = rows.append_column(name, column)
+        reasons = decided.column("reason")
+        keep = pc.is_null(reasons)
+        drops = decided.filter(pc.invert(keep)).select(["key", "reason", "detail", "dup_of"]).to_pylist()
+        urls = dict(zip(rows.column("key").to_pylist(), rows.column("url").to_pylist()))
+        for drop in drops:
+            drop["url"] = urls[drop["key"]]
+        kept = rows.filter(keep)
+        with out.writer(shard, kept.schema) as writer:
+            writer.write(kept)
+        return out.finish(shard, drops, {"rows_in": rows.num_rows, "rows_out": kept.num_rows,
+                                         "seconds": round(time.monotonic() - started, 3)})

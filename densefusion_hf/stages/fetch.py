@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import shutil
 import signal
@@ -61,14 +62,17 @@ def img2dataset_options(recipe: Recipe) -> dict:
 
 
 def run_img2dataset(urls_path: str, output_folder: str, rows: int, options: dict) -> None:
+    """Download one of our shards; img2dataset splits it so that each of its processes gets a part."""
     import img2dataset
+
+    part_rows = max(1, math.ceil(rows / options.get("processes_count", 1)))
 
     previous = signal.getsignal(signal.SIGINT)
     try:
         img2dataset.download(
             url_list=urls_path, input_format="parquet", url_col="url", caption_col="text",
             save_additional_columns=["row_key"], output_folder=output_folder, output_format="parquet",
-            number_sample_per_shard=max(rows, 1), incremental_mode="incremental", extract_exif=False,
+            number_sample_per_shard=part_rows, incremental_mode="incremental", extract_exif=False,
             compute_hash=None, enable_wandb=False, **options,
         )
     except SystemExit:

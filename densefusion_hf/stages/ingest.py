@@ -123,15 +123,19 @@ def _number(value) -> float | None:
     return None if math.isnan(number) else number
 
 
-def filter_reason(row: dict, filters: MetadataFilters) -> tuple[str, str] | None:
-    """(reason, detail) when a metadata filter rejects the row; unknown values pass."""
+def filter_reason(row: dict, filters: MetadataFilters, size_source: str = "listed") -> tuple[str, str] | None:
+    """(reason, detail) when a filter rejects the row; unknown values pass.
+
+    ``filters`` is any object with the MetadataFilters fields (select's filters have the same names);
+    ``size_source`` says in the detail whether the size is the metadata's or the decoded image's.
+    """
     width, height = _number(row.get("width")), _number(row.get("height"))
     if width and height:
         short, long = min(width, height), max(width, height)
         if filters.min_short_side is not None and short < filters.min_short_side:
-            return "too_small", f"listed {width:.0f}x{height:.0f}, short side {short:.0f} < {filters.min_short_side}"
+            return "too_small", f"{size_source} {width:.0f}x{height:.0f}, short side {short:.0f} < {filters.min_short_side}"
         if filters.max_aspect_ratio is not None and long / short > filters.max_aspect_ratio:
-            return "aspect_ratio", (f"listed {width:.0f}x{height:.0f}, "
+            return "aspect_ratio", (f"{size_source} {width:.0f}x{height:.0f}, "
                                     f"aspect ratio {long / short:.2f} > {filters.max_aspect_ratio}")
     checks = (
         ("punsafe", filters.max_punsafe, "unsafe", lambda v, t: v > t, ">"),

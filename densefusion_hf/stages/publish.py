@@ -24,7 +24,7 @@ from densefusion_hf.console import progress
 from densefusion_hf.recipe import Recipe
 from densefusion_hf.report import stage_summary
 from densefusion_hf.shards import temporary_name
-from densefusion_hf.stages.base import BuildContext, Stage
+from densefusion_hf.stages.base import BuildContext, Stage, with_images
 
 # Image datasets are read in small row groups: datasets uses 100 rows for images, so do we.
 ROW_GROUP_ROWS = 100
@@ -52,10 +52,10 @@ def _to_published(table: pa.Table, schema: pa.Schema) -> pa.Table:
     return pa.table(columns, schema=schema)
 
 
-def _row_chunks(source, shards):
-    """The upstream rows in shard order, ROW_GROUP_ROWS at a time (one shard in memory, mapped)."""
+def _row_chunks(ctx, source, shards):
+    """The upstream rows with their images in shard order, ROW_GROUP_ROWS at a time."""
     for shard in shards:
-        table = source.read(shard)
+        table = with_images(ctx, source.read(shard), shard)
         for start in range(0, table.num_rows, ROW_GROUP_ROWS):
             yield table.slice(start, ROW_GROUP_ROWS)
 
@@ -70,11 +70,13 @@ class Publish(Stage):
 
     @staticmethod
     def _upstream_schema(source, shards) -> pa.Schema:
-        if shards:
-            return pq.read_schema(source.shard_path(shards[0]))
         from densefusion_hf.stages.fetch import Fetch
         from densefusion_hf.stages.ingest import BASE_SCHEMA
-        return Fetch.output_schema(BASE_SCHEMA)
+
+        if not shards:
+            return Fetch.output_schema(BASE_SCHEMA)
+        schema = pq.read_schema(source.shard_path(shards[0]))
+        return schema if "image" in schema.names else schema.append(pa.field("image", pa.binary()))
 
     def has_outputs(self, ctx: BuildContext) -> bool:
         return ctx.stage_dir(self.name).is_done(_DONE)
@@ -106,7 +108,7 @@ class Publish(Stage):
 
         with progress(total, self.name, "row", ctx.show_progress) as bar:
             writer = open_file(file_index)
-            for chunk in _row_chunks(source, shards):
+            for chunk in _row_chunks(ctx, source, shards):
                 while chunk.num_rows:
                     if in_file == recipe.publish.rows_per_file:
                         writer.close()

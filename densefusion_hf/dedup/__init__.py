@@ -1,0 +1,1 @@
+"""Duplicate detection: exact (sha256), perceptual (image hashes) and semantic (embeddings)."""

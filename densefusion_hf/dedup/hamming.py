@@ -1,0 +1,350 @@
+"""All pairs of 64-bit perceptual hashes within a Hamming distance, without comparing all pairs.
+
+Method: multi-index hashing with the generalised pigeonhole principle. The bits are split into
+chunks and chunk ``i`` gets a radius ``r_i`` with ``sum(r_i + 1) > threshold``: if two hashes
+differed by more than ``r_i`` bits in every chunk they would differ by more than ``threshold`` bits
+in all, so every pair within the threshold is within ``r_i`` of each other in some chunk ``i``.
+Each chunk is searched for pairs of buckets (hashes with equal chunk values) whose values differ
+in at most ``r_i`` bits, and every such candidate is verified on the full hash.
+
+The textbook form (``threshold + 1`` chunks, radius 0) is hopeless at threshold 10: 11 chunks of
+~6 bits make buckets of n/64 hashes, about n**2/6 candidates. Fewer, wider chunks with a radius
+(e.g. 22/22/20 bits with radii 3/3/2) cut the candidates ~200-fold; the price is one probe per
+XOR mask of up to ``r_i`` bits (1793 masks for 22 bits, radius 3), which stays cheap because a
+probe works on a bitmap of the occupied chunk values (2**22 bits = 64K words), not on the hashes.
+The chunk layout is picked by a small cost model (``_plan``) that also falls back to exact
+brute force when that is cheaper: tiny inputs, or thresholds so large that no chunking pays off.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from itertools import combinations
+from math import comb, inf
+from typing import Iterator, Sequence
+
+import numpy as np
+
+# Pairs materialised at a time (candidates, brute-force blocks, output pieces): bounds the
+# temporaries to a few hundred MB whatever the data, e.g. a bucket holding most hashes.
+_BATCH = 1 << 22
+_MAX_RADIUS = 4
+_LAYERS = 2
+# A probed chunk keeps a dense value -> bucket table of 2**width int32 (64 MiB at 24 bits).
+_MAX_PROBE_WIDTH = 24
+
+# Cost model, seconds per operation as measured with numpy on one core; only the ratios matter.
+_COST_SORT = 2e-7  # per hash per chunk: argsort and bucket bounds
+_COST_MASK = 1e-4  # per probe mask: Python and numpy call overhead
+_COST_WORD = 3e-9  # per bitmap word per probe mask
+_COST_CAND = 3e-8  # per candidate pair: generate and verify
+_COST_BRUTE = 2e-9  # per pair, brute force
+
+if hasattr(np, "bitwise_count"):  # numpy >= 2.0
+    _popcount = np.bitwise_count
+else:  # pragma: no cover - old numpy
+    _BYTE_POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
+
+    def _popcount(x: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(x, dtype=np.uint64)
+        return _BYTE_POPCOUNT[x.view(np.uint8)].reshape(*x.shape, 8).sum(axis=-1, dtype=np.uint8)
+
+
+# _SWAP[j]: bits of a word whose position has bit j clear; a "delta swap" with it XORs positions.
+_SWAP = [np.uint64(sum(1 << p for p in range(64) if not p >> j & 1)) for j in range(6)]
+
+
+def hamming_pairs(hashes: np.ndarray, threshold: int, *, chunks: Sequence[tuple[int, int]] | None = None) -> np.ndarray:
+    """All index pairs ``(i, j)``, ``i < j``, with ``popcount(hashes[i] ^ hashes[j]) <= threshold``.
+
+    ``hashes`` is a 1-D array of uint64 (e.g. imagehash's 8x8 phash packed into 64 bits; shorter
+    hashes work too). Returns an (m, 2) int64 array, sorted lexicographically, without duplicates:
+    exactly what ``brute_force_pairs`` returns, for every threshold.
+
+    Speed: identical hashes are collapsed to one first, so piles of exact copies (blank images)
+    cost nothing beyond their output. For random 64-bit hashes at thresholds up to ~12 the search
+    is sub-quadratic (about 20-30 s for a million hashes at threshold 10 on one core). Past that
+    the pigeonhole filters stop paying off and the cost model switches to the exact blocked brute
+    force, O(n**2) but still exact. Hashes clustered far more tightly than random ones make more
+    candidates (never wrong results). The output itself can be quadratic: k copies of one hash
+    give k(k-1)/2 pairs.
+
+    ``chunks`` forces the layout instead of the cost model's choice (for tests and tuning): a
+    ``(width, radius)`` per chunk, low bits first, widths summing to 64, ``sum(radius + 1) >
+    threshold``, and width at most 24 where radius > 0.
+    """
+    h = _as_hashes(hashes)
+    t = _as_threshold(threshold)
+    n = len(h)
+    if n < 2:
+        return np.zeros((0, 2), dtype=np.int64)
+    distinct, inverse, counts = np.unique(h, return_inverse=True, return_counts=True)
+    return _expand_groups(_distinct_pairs(distinct, t, chunks), inverse.ravel(), counts)
+
+
+def brute_force_pairs(hashes: np.ndarray, threshold: int) -> np.ndarray:
+    """The O(n**2) reference for ``hamming_pairs`` (same contract), compared a block of rows at a time."""
+    h = _as_hashes(hashes)
+    t = _as_threshold(threshold)
+    n = len(h)
+    parts = [np.zeros((0, 2), dtype=np.int64)]
+    rows = max(1, _BATCH // max(n, 1))
+    for i0 in range(0, n, rows):
+        i1 = min(n, i0 + rows)
+        near = _popcount(h[i0:i1, None] ^ h[None, i0:]) <= t
+        near &= np.arange(n - i0)[None, :] > np.arange(i1 - i0)[:, None]  # only j > i
+        i, j = np.nonzero(near)  # row-major, so already in lexicographic order
+        parts.append(np.stack([i + i0, j + i0], axis=1).astype(np.int64))
+    return np.concatenate(parts)
+
+
+def _as_hashes(hashes: np.ndarray) -> np.ndarray:
+    h = np.asarray(hashes)
+    if h.ndim != 1:
+        raise ValueError(f"hashes must be a 1-D array, got shape {h.shape}")
+    if h.size and h.dtype != np.uint64:
+        if h.dtype.kind not in "ui" or (h.dtype.kind == "i" and h.min() < 0):
+            raise ValueError(f"hashes must be unsigned 64-bit integers, got {h.dtype}")
+    return h.astype(np.uint64, copy=False)
+
+
+def _as_threshold(threshold: int) -> int:
+    t = int(threshold)
+    if t != threshold or t < 0:
+        raise ValueError(f"threshold must be a non-negative integer, got {threshold!r}")
+    return t
+
+
+def _distinct_pairs(u: np.ndarray, t: int, chunks: Sequence[tuple[int, int]] | None) -> np.ndarray:
+    """Pairs of indices into the sorted distinct hashes ``u`` within distance ``t``."""
+    if chunks is None:
+        nbits = int(np.bitwise_or.reduce(u)).bit_length()  # bits above are 0 everywhere: skip them
+        plan = _plan(_round(len(u)), t, nbits)
+    else:
+        widths = [w for w, _ in chunks]
+        if sum(widths) != 64 or sum(r + 1 for _, r in chunks) <= t or \
+                any(w < 1 or r < 0 or (r and w > _MAX_PROBE_WIDTH) for w, r in chunks):
+            raise ValueError(f"chunks {chunks!r} do not cover 64 bits and threshold {t}")
+        plan = tuple((sum(widths[:i]), w, r) for i, (w, r) in enumerate(chunks))
+    if t == 0 or len(u) < 2:  # distinct hashes are never at distance 0
+        return np.zeros((0, 2), dtype=np.int64)
+    if plan is None:
+        return brute_force_pairs(u, t)
+    found = [np.zeros((0, 2), dtype=np.int64)]
+    for shift, width, radius in plan:
+        found += _search_chunk(u, t, shift, width, radius)
+    pairs = np.concatenate(found)
+    # A pair close in several chunks is found once per chunk.
+    key = np.unique(np.minimum(pairs[:, 0], pairs[:, 1]) * len(u) + np.maximum(pairs[:, 0], pairs[:, 1]))
+    return np.stack(np.divmod(key, len(u)), axis=1)
+
+
+def _search_chunk(u: np.ndarray, t: int, shift: int, width: int, radius: int) -> list[np.ndarray]:
+    """Verified pairs (indices into ``u``) among those whose chunk values differ in <= ``radius`` bits."""
+    chunk = ((u >> np.uint64(shift)) & np.uint64((1 << width) - 1)).astype(np.int64)
+    order = np.argsort(chunk, kind="stable")
+    hs = u[order]
+    first = np.flatnonzero(np.r_[True, chunk[order[1:]] != chunk[order[:-1]]])  # buckets, sorted
+    size = np.diff(np.r_[first, len(u)])
+    values = chunk[order[first]]
+    found: list[np.ndarray] = []
+
+    def verify(left: np.ndarray, right: np.ndarray) -> None:
+        """Keep candidates (positions in sorted order; see ``_expand``) within ``t`` on the full hash."""
+        for a, b in _expand(left, right):
+            ok = _popcount(hs[a] ^ hs[b]) <= t
+            found.append(np.stack([order[a[ok]], order[b[ok]]], axis=1))
+
+    # Radius 0: pairs inside a bucket; each position pairs with the rest of its bucket.
+    partners = np.repeat(first + size, size) - np.arange(len(hs)) - 1
+    rows = np.flatnonzero(partners)
+    verify(rows, np.stack([rows + 1, partners[rows]], axis=1))
+    if radius == 0:
+        return found
+
+    # Probing works on bitmaps of chunk values (value v is bit v & 63 of word v >> 6). Buckets of
+    # up to _LAYERS hashes are split into layers, layer k holding each bucket's k-th hash in a
+    # dense value -> hash table, so a candidate costs two lookups. Bigger buckets (rare unless
+    # the hashes cluster) go through the generic, batched path.
+    nwords = 1 << max(0, width - 6)
+    small = size <= _LAYERS
+    layers = []
+    for k in range(min(_LAYERS, int(size.max()))):
+        sel = np.flatnonzero(small & (size > k))
+        table = np.empty(1 << width, dtype=np.uint64)  # only occupied values are ever read
+        table[values[sel]] = hs[first[sel] + k]
+        layers.append((_bitmap(values[sel], nwords), table))
+    big = np.flatnonzero(~small)
+    if len(big):
+        big_words, any_words = _bitmap(values[big], nwords), _bitmap(values, nwords)
+        bucket_of = np.empty(1 << width, dtype=np.int32)
+        bucket_of[values[big]] = big  # small buckets get their number when needed, below
+        bucket_of[values[small]] = np.flatnonzero(small)
+    all_words = np.arange(nwords)
+    low_half: dict[int, np.ndarray] = {}  # word indices whose bit k - 6 is clear
+
+    for r in range(1, radius + 1):
+        for bits in combinations(range(width), r):
+            mask = sum(1 << b for b in bits)
+            top = bits[-1]
+            # Each unordered bucket pair {v, v ^ mask} once: from the side whose top mask bit is clear.
+            if top >= 6:
+                index = low_half.get(top)
+                if index is None:
+                    index = low_half[top] = all_words[(all_words >> (top - 6)) & 1 == 0]
+                here = [occupied[index] for occupied, _ in layers]
+            else:
+                index = all_words
+                here = [occupied & _SWAP[top] for occupied, _ in layers]
+            there = [_xor_words(occupied, index, mask) for occupied, _ in layers]
+            for p, (_, table_p) in enumerate(layers):
+                for q, (_, table_q) in enumerate(layers):
+                    v = _set_bits(index, here[p] & there[q])
+                    a = table_p[v]
+                    ok = _popcount(a ^ table_q[v ^ mask]) <= t
+                    if ok.any():
+                        found.append(np.stack([np.searchsorted(u, a[ok]), np.searchsorted(u, table_q[v[ok] ^ mask])], axis=1))
+            if len(big):
+                h_big, h_any = big_words[index], any_words[index]
+                if top < 6:
+                    h_big, h_any = h_big & _SWAP[top], h_any & _SWAP[top]
+                hit = (h_big & _xor_words(any_words, index, mask)) | (h_any & _xor_words(big_words, index, mask))
+                v = _set_bits(index, hit)
+                a, b = bucket_of[v], bucket_of[v ^ mask]
+                verify(_ranges(first[a], size[a]),
+                       np.stack([np.repeat(first[b], size[a]), np.repeat(size[b], size[a])], axis=1))
+    return found
+
+
+def _bitmap(values: np.ndarray, nwords: int) -> np.ndarray:
+    """Words with bit ``v & 63`` of word ``v >> 6`` set for each of the sorted distinct ``values``."""
+    words = np.zeros(nwords, dtype=np.uint64)
+    word = values >> 6
+    starts = np.flatnonzero(np.r_[True, word[1:] != word[:-1]])
+    if len(values):
+        words[word[starts]] = np.bitwise_or.reduceat(np.uint64(1) << (values & 63).astype(np.uint64), starts)
+    return words
+
+
+def _xor_words(words: np.ndarray, index: np.ndarray, mask: int) -> np.ndarray:
+    """Words ``index`` of the bitmap of ``{v ^ mask}``, for the bitmap ``words`` of ``{v}``."""
+    out = words[index ^ (mask >> 6)]
+    for j in range(6):
+        if mask >> j & 1:  # a "delta swap" exchanges the bit positions that differ in bit j
+            s = np.uint64(1 << j)
+            out = ((out >> s) & _SWAP[j]) | ((out & _SWAP[j]) << s)
+    return out
+
+
+def _set_bits(index: np.ndarray, words: np.ndarray) -> np.ndarray:
+    """Positions ``64 * index[k] + bit`` of the set bits of ``words[k]``, lowest bit first per word."""
+    nz = np.flatnonzero(words)
+    w, base = words[nz], index[nz] << 6
+    out = []
+    while len(w):
+        low = w & (~w + np.uint64(1))
+        out.append(base + _popcount(low - np.uint64(1)))
+        w ^= low
+        keep = np.flatnonzero(w)
+        w, base = w[keep], base[keep]
+    return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
+
+
+def _ranges(start: np.ndarray, count: np.ndarray) -> np.ndarray:
+    """Concatenation of ``arange(s, s + c)`` for each ``s, c``."""
+    total = int(count.sum())
+    if total == len(count):  # all ones: the common case, skip the arithmetic
+        return start.astype(np.int64, copy=False)
+    ends = np.cumsum(count)
+    return np.arange(total) + np.repeat(start - ends + count, count)
+
+
+def _expand(left: np.ndarray, right: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Pairs ``(left[k], s)`` for ``s`` in ``range(right[k, 0], right[k, 0] + right[k, 1])``, in batches.
+
+    Batches hold about ``_BATCH`` pairs (at least one row), so one huge bucket cannot exhaust memory.
+    """
+    if not len(left):
+        return
+    start, count = right[:, 0], right[:, 1]
+    if int(count.max()) == 1 and len(left) <= _BATCH:
+        yield left, start
+        return
+    ends = np.cumsum(count)
+    lo = 0
+    while lo < len(left):
+        done = int(ends[lo - 1]) if lo else 0
+        hi = max(lo + 1, int(np.searchsorted(ends, done + _BATCH, side="right")))
+        c = count[lo:hi]
+        yield np.repeat(left[lo:hi], c), _ranges(start[lo:hi], c)
+        lo = hi
+
+
+def _expand_groups(pairs: np.ndarray, inverse: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Pairs of original indices from pairs of distinct hashes plus the copies inside each group."""
+    n = len(inverse)
+    members = np.argsort(inverse, kind="stable")  # grouped by distinct hash, ascending in a group
+    gstart = np.cumsum(counts) - counts
+    # Copies of one hash: each member pairs with the later members of its group.
+    later = np.repeat(gstart + counts, counts) - np.arange(n) - 1
+    rows = np.flatnonzero(later)
+    keys = [np.zeros(0, dtype=np.int64)]
+    for a, b in _expand(rows, np.stack([rows + 1, later[rows]], axis=1)):
+        keys.append(members[a] * n + members[b])
+    # Distinct hashes a, b: every member of a with every member of b.
+    a, b = pairs[:, 0], pairs[:, 1]
+    left = _ranges(gstart[a], counts[a])
+    right = np.stack([np.repeat(gstart[b], counts[a]), np.repeat(counts[b], counts[a])], axis=1)
+    for x, y in _expand(left, right):
+        i, j = members[x], members[y]
+        keys.append(np.minimum(i, j) * n + np.maximum(i, j))
+    key = np.sort(np.concatenate(keys))
+    return np.stack(np.divmod(key, n), axis=1)
+
+
+def _round(n: int) -> int:
+    """``n`` to two significant bits, so that plans are cached across similar sizes."""
+    shift = max(0, n.bit_length() - 2)
+    return (n >> shift) << shift
+
+
+def _ball(width: int, radius: int) -> int:
+    return sum(comb(width, k) for k in range(radius + 1))
+
+
+@lru_cache(maxsize=256)
+def _plan(n: int, t: int, nbits: int) -> tuple[tuple[int, int, int], ...] | None:
+    """Chunks ``(shift, width, radius)`` of least modelled cost, or None when brute force is cheaper.
+
+    Dynamic programming over (bits left, errors left to cover), assuming random hashes: a chunk of
+    ``w`` bits and radius ``r`` yields about ``pairs * ball(w, r) / 2**w`` candidates.
+    """
+    pairs = n * (n - 1) / 2
+
+    @lru_cache(maxsize=None)
+    def chunk_cost(w: int, r: int) -> float:
+        if r and w > _MAX_PROBE_WIDTH:
+            return inf
+        masks = _ball(w, r) - 1
+        return (_COST_SORT * n + masks * (_COST_MASK + _COST_WORD * max(1, 2 ** (w - 7)))
+                + _COST_CAND * pairs * _ball(w, r) / 2**w)
+
+    @lru_cache(maxsize=None)
+    def best(bits: int, need: int) -> tuple[float, tuple[tuple[int, int], ...]]:
+        if bits == 0:
+            return (0.0, ()) if need <= 0 else (inf, ())
+        options = [(inf, ())]
+        for w in range(1, bits + 1):
+            for r in range(min(_MAX_RADIUS, max(need - 1, 0)) + 1):
+                cost, rest = best(bits - w, max(0, need - r - 1))
+                options.append((cost + chunk_cost(w, r), ((w, r),) + rest))
+        return min(options)
+
+    cost, chunks = best(nbits, t + 1)
+    if cost >= _COST_BRUTE * pairs:
+        return None
+    plan, shift = [], 0
+    for w, r in chunks:
+        plan.append((shift, w, r))
+        shift += w
+    return tuple(plan)

@@ -1,0 +1,129 @@
+"""dedup: exact duplicates (sha256 of the bytes) and perceptual near duplicates (image hashes).
+
+First every shard's images are hashed (resumable, kept in ``dedup/measure/``); then one global decision
+groups duplicates (union of exact pairs and hash pairs within the Hamming threshold, found by
+multi-index hashing, never all-pairs) and keeps one image per group: the most pixels, then the highest
+similarity, then the smallest key.  The others are dropped as ``exact_dup`` or ``near_dup`` with
+``dup_of`` naming the kept row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from densefusion_hf.dedup.hamming import hamming_pairs
+from densefusion_hf.dedup.phash import phash_many
+from densefusion_hf.dedup.semantic import choose_kept
+from densefusion_hf.dedup.unionfind import connected_components
+from densefusion_hf.recipe import Recipe
+from densefusion_hf.shards import StageDir
+from densefusion_hf.stages.base import BuildContext, GlobalStage, with_images
+
+MEASURE_SCHEMA = pa.schema([("key", pa.string()), ("phash", pa.string())])
+
+
+def hash_hex(value: int | None, bits: int) -> str | None:
+    return None if value is None else format(value, f"0{(bits + 3) // 4}x")
+
+
+def exact_pairs(digests: list[str]) -> np.ndarray:
+    """Pairs (first, other) of rows with the same digest."""
+    first: dict[str, int] = {}
+    pairs = []
+    for index, digest in enumerate(digests):
+        if digest is None:
+            continue
+        if digest in first:
+            pairs.append((first[digest], index))
+        else:
+            first[digest] = index
+    return np.array(pairs, dtype=np.int64).reshape(-1, 2)
+
+
+def keep_order(pixels: np.ndarray, similarity: np.ndarray, keys: list[str]) -> np.ndarray:
+    """Rank of every row under the keep rule (0 = best): most pixels, highest similarity, smallest key."""
+    sim = np.nan_to_num(np.asarray(similarity, dtype=np.float64), nan=-np.inf)
+    order = np.lexsort((np.asarray(keys), -sim, -np.asarray(pixels, dtype=np.float64)))
+    rank = np.empty(len(order), dtype=np.int64)
+    rank[order] = np.arange(len(order))
+    return rank
+
+
+class Dedup(GlobalStage):
+    name = "dedup"
+
+    def params(self, recipe: Recipe) -> dict:
+        params = asdict(recipe.dedup)
+        params.pop("processes")
+        return params
+
+    def measures(self, ctx: BuildContext) -> StageDir:
+        return ctx.stage_dir(f"{self.name}/measure")
+
+    def measure_shard(self, ctx: BuildContext, shard: str, source: StageDir) -> None:
+        """Hash one shard's images (the expensive part), resumable per shard."""
+        settings, measures = ctx.recipe.dedup, self.measures(ctx)
+        rows = with_images(ctx, source.read(shard, columns=["key"]), shard)
+        bits = settings.hash_size ** 2
+        hashes = phash_many(rows.column("image").to_pylist(), hash_size=settings.hash_size,
+                            algorithm=settings.algorithm, processes=settings.processes)
+        table = pa.table({"key": rows.column("key"), "phash": [hash_hex(h, bits) for h in hashes]},
+                         schema=MEASURE_SCHEMA)
+        with measures.writer(shard, MEASURE_SCHEMA) as writer:
+            writer.write(table)
+        measures.finish(shard, [], {"rows_in": rows.num_rows, "rows_out": rows.num_rows})
+
+    def decide(self, ctx: BuildContext, source: StageDir, shards: list[str]) -> pa.Table:
+        settings, measures = ctx.recipe.dedup, self.measures(ctx)
+        measures.prepare()
+        if settings.perceptual:
+            for shard in shards:
+                if not measures.is_done(shard):
+                    self.measure_shard(ctx, shard, source)
+        small = ["key", "sha256", "width", "height", "similarity"]
+        table = pa.concat_tables([source.read(s, columns=small) for s in shards]) if shards else None
+        if table is None or table.num_rows == 0:
+            return pa.table({"key": pa.array([], pa.string()), "reason": pa.array([], pa.string()),
+                             "detail": pa.array([], pa.string()), "dup_of": pa.array([], pa.string()),
+                             "phash": pa.array([], pa.string())})
+        keys = table.column("key").to_pylist()
+        if settings.perceptual:
+            hashes = pa.concat_tables([measures.read(s) for s in shards])
+            assert hashes.column("key").to_pylist() == keys
+            phash = hashes.column("phash").to_pylist()
+        else:
+            phash = [None] * len(keys)
+        pairs = [exact_pairs(table.column("sha256").to_pylist())] if settings.exact else []
+        if settings.perceptual:
+            have = np.array([i for i, h in enumerate(phash) if h is not None], dtype=np.int64)
+            values = np.array([int(phash[i], 16) for i in have], dtype=np.uint64)
+            found = hamming_pairs(values, settings.threshold)
+            pairs.append(have[found] if len(found) else found)
+        labels = connected_components(len(keys), np.concatenate(pairs) if pairs else np.zeros((0, 2)))
+        pixels = pc.multiply(table.column("width"), table.column("height")).to_numpy(zero_copy_only=False)
+        rank = keep_order(pixels, table.column("similarity").to_numpy(zero_copy_only=False), keys)
+        keep, dup_index = choose_kept(labels, -rank)
+        kept = np.where(keep, np.arange(len(keys)), dup_index)
+        digests = table.column("sha256").to_pylist()
+        reasons, details, dup_of = [], [], []
+        for index, winner in enumerate(kept):
+            if winner == index:
+                reasons.append(None), details.append(None), dup_of.append(None)
+                continue
+            dup_of.append(keys[winner])
+            if digests[index] == digests[winner]:
+                reasons.append("exact_dup")
+                details.append(f"same sha256 as {keys[winner]}")
+            else:
+                distance = bin(int(phash[index], 16) ^ int(phash[winner], 16)).count("1") \
+                    if phash[index] and phash[winner] else None
+                reasons.append("near_dup")
+                details.append(f"{settings.algorithm} distance {distance} to {keys[winner]}"
+                               if distance is not None else f"in the duplicate group of {keys[winner]}")
+        return pa.table({"key": keys, "reason": pa.array(reasons, pa.string()),
+                         "detail": pa.array(details, pa.string()), "dup_of": pa.array(dup_of, pa.string()),
+                         "phash": pa.array(phash, pa.string())})

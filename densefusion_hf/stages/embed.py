@@ -1,0 +1,89 @@
+"""embed: image embeddings with the recipe's CLIP / SigLIP model, in clip-retrieval's on-disk layout.
+
+    embed/img_emb/img_emb_N.npy          float16, L2-normalised, one row per kept image of shard N
+    embed/metadata/metadata_N.parquet    key, url, caption: row i describes row i of img_emb_N.npy
+
+so that tools of that ecosystem (clip-retrieval's index building, autofaiss) read them as they are.
+The stage's own shard passes the rows through unchanged; the model is loaded once per run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from densefusion_hf.images import load_rgb
+from densefusion_hf.models import ImageTextEmbedder
+from densefusion_hf.recipe import Recipe
+from densefusion_hf.shards import StageDir, temporary_name
+from densefusion_hf.stages.base import BuildContext, ShardStage, with_images
+
+
+def embedding_paths(workdir: Path, shard: str) -> tuple[Path, Path]:
+    base = Path(workdir) / "embed"
+    return base / "img_emb" / f"img_emb_{int(shard)}.npy", base / "metadata" / f"metadata_{int(shard)}.parquet"
+
+
+def load_embeddings(workdir: Path, shards: list[str]) -> tuple[list[str], np.ndarray]:
+    """(keys, embeddings as float32) of the given shards, in shard order."""
+    keys, blocks = [], []
+    for shard in shards:
+        emb_path, meta_path = embedding_paths(workdir, shard)
+        keys.extend(pq.read_table(meta_path, columns=["key"]).column("key").to_pylist())
+        blocks.append(np.load(emb_path).astype(np.float32))
+    dim = blocks[0].shape[1] if blocks else 0
+    return keys, (np.concatenate(blocks) if blocks else np.zeros((0, dim), np.float32))
+
+
+class Embed(ShardStage):
+    name = "embed"
+
+    def params(self, recipe: Recipe) -> dict:
+        # The dtype changes the numbers a little; the device and batch size do not (beyond float noise).
+        return {"model": recipe.embed.model, "dtype": recipe.embed.dtype}
+
+    @contextlib.contextmanager
+    def session(self, ctx: BuildContext):
+        settings = ctx.recipe.embed
+        self.embedder = ImageTextEmbedder(settings.model, ctx.workdir, settings.device, settings.dtype)
+        try:
+            yield
+        finally:
+            del self.embedder
+
+    def run_shard(self, ctx: BuildContext, shard: str, source: StageDir, out: StageDir) -> dict:
+        started = time.monotonic()
+        rows = with_images(ctx, source.read(shard), shard)
+        batch_size = ctx.recipe.embed.batch_size
+        blobs = rows.column("image")
+        vectors = []
+        for start in range(0, rows.num_rows, batch_size):
+            images = [load_rgb(b) for b in blobs.slice(start, batch_size).to_pylist()]
+            vectors.append(self.embedder.embed_images(images))
+        dim = vectors[0].shape[1] if vectors else 0
+        embeddings = np.concatenate(vectors) if vectors else np.zeros((0, dim), np.float32)
+
+        emb_path, meta_path = embedding_paths(ctx.workdir, shard)
+        emb_path.parent.mkdir(parents=True, exist_ok=True)
+        meta_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = temporary_name(emb_path)
+        with open(tmp, "wb") as handle:
+            np.save(handle, embeddings.astype(np.float16))
+        os.replace(tmp, emb_path)
+        metadata = pa.table({"key": rows.column("key"), "url": rows.column("url"), "caption": rows.column("text")})
+        tmp = temporary_name(meta_path)
+        pq.write_table(metadata, tmp)
+        os.replace(tmp, meta_path)
+
+        passthrough = rows.drop_columns(["image"])
+        with out.writer(shard, passthrough.schema) as writer:
+            writer.write(passthrough)
+        return out.finish(shard, [], {"rows_in": rows.num_rows, "rows_out": rows.num_rows, "dim": int(dim),
+                                      "model": ctx.recipe.embed.model,
+                                      "seconds": round(time.monotonic() - started, 3)})

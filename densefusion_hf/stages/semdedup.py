@@ -1,0 +1,55 @@
+"""semdedup: SemDeDup over the image embeddings (k-means with faiss, near duplicates inside clusters).
+
+Pairs in the same cluster with cosine similarity above 1 - eps are duplicates; groups are their
+connected components, and each group keeps the member least similar to its centroid (SemDeDup's rule,
+which keeps more diversity), ties to the earlier row.  Every row gets its ``cluster`` and
+``centroid_similarity``, which select ranks by.  Dropped rows are ``semantic_dup`` with ``dup_of``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+import numpy as np
+import pyarrow as pa
+
+from densefusion_hf.dedup.semantic import semdedup
+from densefusion_hf.recipe import Recipe
+from densefusion_hf.shards import StageDir
+from densefusion_hf.stages.base import BuildContext, GlobalStage
+from densefusion_hf.stages.embed import load_embeddings
+
+
+class SemDedup(GlobalStage):
+    name = "semdedup"
+
+    def params(self, recipe: Recipe) -> dict:
+        return asdict(recipe.semdedup)
+
+    def decide(self, ctx: BuildContext, source: StageDir, shards: list[str]) -> pa.Table:
+        settings = ctx.recipe.semdedup
+        keys, embeddings = load_embeddings(ctx.workdir, shards)
+        upstream_keys = [k for s in shards for k in source.read(s, columns=["key"]).column("key").to_pylist()]
+        assert keys == upstream_keys, "embeddings and rows are out of step; rebuild embed with --fresh"
+        if not keys:
+            return pa.table({"key": pa.array([], pa.string()), "reason": pa.array([], pa.string()),
+                             "detail": pa.array([], pa.string()), "dup_of": pa.array([], pa.string()),
+                             "cluster": pa.array([], pa.int64()),
+                             "centroid_similarity": pa.array([], pa.float32())})
+        result = semdedup(embeddings, settings.clusters, settings.eps, seed=settings.seed,
+                          max_train_points=settings.train_points)
+        reasons, details, dup_of = [], [], []
+        for index, winner in enumerate(result.dup_of):
+            if winner < 0:
+                reasons.append(None), details.append(None), dup_of.append(None)
+                continue
+            cosine = float(embeddings[index] @ embeddings[winner])
+            reasons.append("semantic_dup")
+            details.append(f"cosine {cosine:.3f} to {keys[winner]} in cluster {int(result.assignment[index])}")
+            dup_of.append(keys[winner])
+        return pa.table({
+            "key": keys, "reason": pa.array(reasons, pa.string()), "detail": pa.array(details, pa.string()),
+            "dup_of": pa.array(dup_of, pa.string()),
+            "cluster": pa.array(result.assignment.astype(np.int64)),
+            "centroid_similarity": pa.array(result.centroid_similarity.astype(np.float32)),
+        })
