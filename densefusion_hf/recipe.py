@@ -224,13 +224,13 @@ class Recipe:
         return asdict(getattr(self, stage))
 
 
-def load_recipe(path: str | Path) -> Recipe:
-    """Read and validate a recipe file; errors name the file and the field."""
-    path = Path(path)
+def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> tuple[object, bytes]:
+    """The document at ``path`` with its ``extends:`` base merged under it, and all the bytes read."""
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
-        raise RecipeError(f"{path}: recipe file not found. Recipes live in builders/, "
+        where = f" (extended by {chain[-1]})" if chain else ""
+        raise RecipeError(f"{path}: recipe file not found{where}. Recipes live in builders/, "
                           f"e.g. `df-hf build builders/demo.yaml`.") from None
     except IsADirectoryError:
         raise RecipeError(f"{path}: is a folder; give the recipe's .yaml file.") from None
@@ -238,6 +238,37 @@ def load_recipe(path: str | Path) -> Recipe:
         data = yaml.safe_load(raw)
     except yaml.YAMLError as exc:
         raise RecipeError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict) or "extends" not in data:
+        return data, raw
+    data = dict(data)
+    parent = data.pop("extends")
+    if not isinstance(parent, str):
+        raise RecipeError(f"{path}: extends: expected the path of another recipe, found {parent!r}")
+    parent_path = (path.parent / parent).resolve()
+    if parent_path in chain or parent_path == path.resolve():
+        raise RecipeError(f"{path}: extends: {parent} extends itself (through {', '.join(map(str, chain))})")
+    base, base_raw = _read_yaml(parent_path, chain + (path.resolve(),))
+    return _merge(base, data), base_raw + raw
+
+
+def _merge(base, override):
+    """Mappings merge key by key; anything else in ``override`` replaces what ``base`` had."""
+    if isinstance(base, dict) and isinstance(override, dict):
+        merged = dict(base)
+        for key, value in override.items():
+            merged[key] = _merge(base.get(key), value) if key in base else value
+        return merged
+    return override
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read and validate a recipe file; errors name the file and the field.
+
+    ``extends: other.yaml`` starts from another recipe and changes only what is written; relative paths
+    resolve against the folder of the file being loaded.
+    """
+    path = Path(path)
+    data, raw = _read_yaml(path)
     base = path.resolve().parent
     recipe = parse(Recipe, data, source=path, base=base)
     model = recipe.embed.model

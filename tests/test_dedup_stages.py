@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -112,3 +113,22 @@ def test_seeded_rerun_selects_the_same_keys(dedup_build, tmp_path):
     build(load_recipe(tmp_path / "recipe.yaml"), tmp_path / "work", fresh=True, show_progress=False)
     second = sorted(r["key"] for r in _kept(tmp_path / "work", "select"))
     assert first == second and len(first) == 3
+
+
+def test_an_unreadable_image_is_recorded_not_fatal(dedup_build, tmp_path):
+    workdir = dedup_build(stages=["ingest", "fetch"])
+    fetch = StageDir(workdir, "fetch")
+    table = fetch.read("00000", memory_map=False)
+    images = table.column("image").to_pylist()
+    images[0] = images[0][:40]  # damaged on disk after the download
+    table = table.set_column(table.column_names.index("image"), "image", pa.array(images, pa.binary()))
+    pq.write_table(table, fetch.shard_path("00000"))
+    damaged = table.column("url").to_pylist()[0]
+
+    dedup_build(embed={"model": "sample:tiny-clip"}, semdedup={"clusters": 2, "eps": 0.0005},
+                dedup={"processes": 1, "exact": False})
+    embed_drops = StageDir(workdir, "embed").read_dropped().to_pylist()
+    assert [(d["url"], d["reason"]) for d in embed_drops] == [(damaged, "undecodable")]
+    hashes = {r["url"]: r["phash"] for r in _kept(workdir, "dedup")}
+    assert hashes[damaged] is None and all(h for u, h in hashes.items() if u != damaged)
+    assert damaged not in {r["url"] for r in _kept(workdir, "select")}

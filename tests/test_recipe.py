@@ -113,6 +113,32 @@ def test_shipped_recipes_are_valid():
     assert recipe.source.sample and recipe.name == "densefusion-demo"
 
 
+def test_paper_recipes_carry_the_papers_numbers():
+    builders = DEMO_RECIPE.parent
+    full = load_recipe(builders / "densefusion-1m.yaml")
+    assert full.filters.min_short_side == full.select.min_short_side == 448
+    assert (full.semdedup.clusters, full.semdedup.eps) == (50_000, 0.4)
+    assert (full.select.top_per_cluster, full.select.target_size) == (20, 1_000_000)
+    assert full.select.subset is None
+    subset = load_recipe(builders / "densefusion-4v-100k.yaml")
+    assert subset.name == "densefusion-4v-100k" and (subset.select.subset.size, subset.select.subset.seed) == (100_000, 0)
+    # Everything else is inherited from the 1M recipe.
+    assert subset.semdedup == full.semdedup and subset.embed == full.embed and subset.source == full.source
+    assert subset.select.top_per_cluster == 20 and subset.sha256 != full.sha256
+
+
+def test_extends_merges_sections_and_reports_cycles(tmp_path):
+    write_recipe(tmp_path / "base.yaml", {**MINIMAL, "fetch": {"timeout": 3, "retries": 2}})
+    child = load(tmp_path, {"extends": "../base.yaml", "name": "child", "fetch": {"retries": 5}})
+    assert child.name == "child" and (child.fetch.timeout, child.fetch.retries) == (3.0, 5)
+    write_recipe(tmp_path / "a.yaml", {"extends": "b.yaml", "name": "a"})
+    write_recipe(tmp_path / "b.yaml", {"extends": "a.yaml", "name": "b"})
+    with pytest.raises(RecipeError, match="extends itself"):
+        load_recipe(tmp_path / "a.yaml")
+    with pytest.raises(RecipeError, match="not found .extended by"):
+        load(tmp_path, {"extends": "missing.yaml"})
+
+
 def test_every_field_is_documented():
     rows = recipe_fields()
     paths = [path for path, _, _ in rows]

@@ -61,11 +61,24 @@ class Embed(ShardStage):
         started = time.monotonic()
         rows = with_images(ctx, source.read(shard), shard)
         batch_size = ctx.recipe.embed.batch_size
-        blobs = rows.column("image")
-        vectors = []
+        vectors, decoded, drops = [], [], []
         for start in range(0, rows.num_rows, batch_size):
-            images = [load_rgb(b) for b in blobs.slice(start, batch_size).to_pylist()]
-            vectors.append(self.embedder.embed_images(images))
+            batch = rows.slice(start, batch_size)
+            images = []
+            for key, url, blob in zip(batch.column("key").to_pylist(), batch.column("url").to_pylist(),
+                                      batch.column("image").to_pylist()):
+                try:
+                    images.append(load_rgb(blob))
+                    decoded.append(True)
+                except Exception as exc:  # whatever the decoder raises, the row is recorded, not fatal
+                    decoded.append(False)
+                    drops.append({"key": key, "url": url, "reason": "undecodable",
+                                  "detail": f"{type(exc).__name__}: {exc}"})
+            if images:
+                vectors.append(self.embedder.embed_images(images))
+        rows_in = rows.num_rows
+        if drops:
+            rows = rows.filter(pa.array(decoded))
         dim = vectors[0].shape[1] if vectors else 0
         embeddings = np.concatenate(vectors) if vectors else np.zeros((0, dim), np.float32)
 
@@ -84,6 +97,6 @@ class Embed(ShardStage):
         passthrough = rows.drop_columns(["image"])
         with out.writer(shard, passthrough.schema) as writer:
             writer.write(passthrough)
-        return out.finish(shard, [], {"rows_in": rows.num_rows, "rows_out": rows.num_rows, "dim": int(dim),
-                                      "model": ctx.recipe.embed.model,
-                                      "seconds": round(time.monotonic() - started, 3)})
+        return out.finish(shard, drops, {"rows_in": rows_in, "rows_out": rows.num_rows, "dim": int(dim),
+                                         "model": ctx.recipe.embed.model,
+                                         "seconds": round(time.monotonic() - started, 3)})
