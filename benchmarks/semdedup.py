@@ -48,6 +48,8 @@ from densefusion_hf.dedup.semantic import (  # noqa: E402
     near_duplicate_pairs,
     semdedup,
 )
+from densefusion_hf.recipe import SemDedup as RecipeSemDedup  # noqa: E402
+from densefusion_hf.stages.semdedup import TRAIN_POINTS_PER_CLUSTER  # noqa: E402
 
 GIB = 1 << 30
 
@@ -144,12 +146,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sigma", type=float, default=0.8, help="noise norm around a centre (default 0.8)")
     p.add_argument("--dup-frac", type=float, default=0.02, help="fraction of rows that are planted near duplicates")
     p.add_argument("--miss-frac", type=float, default=0.01, help="fraction of rows planted just outside eps")
-    p.add_argument("--niter", type=int, default=5, help="k-means iterations (default 5; library default 20)")
+    p.add_argument("--niter", type=int, default=RecipeSemDedup().iterations,
+                   help="k-means iterations (default: the recipe's default)")
     p.add_argument(
         "--train-per-centroid",
         type=int,
-        default=64,
-        help="k-means training sample = this * k rows (default 64; the library default is "
+        default=TRAIN_POINTS_PER_CLUSTER,
+        help="k-means training sample = this * k rows (default: the semdedup stage's; the library default is "
         f"{FAISS_POINTS_PER_CENTROID}, faiss's cap, which at 1M rows and k=10,000 means training on all rows)",
     )
     p.add_argument("--baseline-rows", type=int, default=20_000, help="subset size for the brute-force baseline")

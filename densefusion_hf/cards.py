@@ -29,6 +29,12 @@ FIELD_MEANINGS = {
     "similarity": "CLIP image-text similarity from the source metadata",
     "punsafe": "probability of unsafe content, from the source metadata",
     "pwatermark": "probability of a watermark, from the source metadata",
+    "phash": "perceptual hash of the image (hex), used for near-duplicate removal",
+    "cluster": "k-means cluster of the image embedding",
+    "centroid_similarity": "cosine similarity of the image embedding to its cluster centroid",
+    "category": "best-matching category from the recipe's prompts ('other' below the threshold)",
+    "category_score": "cosine similarity to that category's prompts",
+    "cluster_rank": "rank of the image inside its cluster (0 = best)",
 }
 
 _SIZE_CATEGORIES = [(1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"),
@@ -60,7 +66,8 @@ def _dtype_words(feature) -> str:
 
 
 def render_card(folder: Path, *, recipe, features: datasets.Features, num_examples: int, num_bytes: int,
-                stage_summaries: list[dict], load_path: str | None = None) -> DatasetCard:
+                stage_summaries: list[dict], load_path: str | None = None,
+                selection: dict | None = None) -> DatasetCard:
     """Write ``folder/README.md`` and return the card."""
     download_size = sum(p.stat().st_size for p in (folder / "data").glob("*.parquet"))
     card_data = DatasetCardData(
@@ -78,7 +85,7 @@ def render_card(folder: Path, *, recipe, features: datasets.Features, num_exampl
         card_data, template_path=str(template_path()),
         description=recipe.description.strip(), recipe_name=recipe.name, version=recipe.version,
         package_version=__version__, load_path=load_path or f"path/to/{recipe.name}",
-        fields=fields, stages=stage_summaries,
+        fields=fields, stages=stage_summaries, selection=selection,
     )
     card.save(str(folder / "README.md"))
     return card

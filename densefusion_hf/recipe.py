@@ -116,8 +116,9 @@ class SemDedup:
     clusters: int = option(50_000, ge=1, help="k-means clusters (the paper: 50,000)")
     eps: float = option(0.4, gt=0, le=2, help="pairs in a cluster with cosine distance < eps are duplicates")
     seed: int = option(0, help="seed of k-means (the same seed selects the same rows)")
-    train_points: Optional[int] = option(None, ge=1, help="k-means trains on a sample of this many points "
-                                                          "(default: 256 per cluster)")
+    train_points: Optional[int] = option(None, ge=1, help="k-means trains on a seeded sample of this many "
+                                                          "points (default: 64 per cluster)")
+    iterations: int = option(10, ge=1, help="k-means iterations")
 
 
 @dataclass

@@ -108,13 +108,12 @@ def random_subset(keys: list[str], size: int, seed: int) -> np.ndarray:
     return mask
 
 
-def cluster_size_histogram(clusters: np.ndarray) -> dict[str, int]:
-    """How many clusters have 1, 2-5, 6-10, 11-20, 21-50, 51-100 and more than 100 rows."""
+def cluster_size_histogram(clusters: np.ndarray) -> list[list]:
+    """[size range, number of clusters] for 1, 2-5, 6-10, 11-20, 21-50, 51-100 and more than 100 rows."""
     if len(clusters) == 0:
-        return {}
+        return []
     sizes = np.bincount(np.unique(clusters, return_inverse=True)[1])
     bins = [(1, 1), (2, 5), (6, 10), (11, 20), (21, 50), (51, 100)]
-    histogram = {(f"{lo}" if lo == hi else f"{lo}-{hi}"): int(((sizes >= lo) & (sizes <= hi)).sum())
-                 for lo, hi in bins}
-    histogram[">100"] = int((sizes > 100).sum())
-    return histogram
+    histogram = [[f"{lo}" if lo == hi else f"{lo}-{hi}", int(((sizes >= lo) & (sizes <= hi)).sum())]
+                 for lo, hi in bins]
+    return histogram + [[">100", int((sizes > 100).sum())]]

@@ -82,5 +82,5 @@ def test_random_subset_is_seeded_and_nested():
 
 def test_cluster_size_histogram():
     clusters = np.array([0] * 3 + [1] + [2] * 25 + [3] * 120)
-    assert cluster_size_histogram(clusters) == {"1": 1, "2-5": 1, "6-10": 0, "11-20": 0, "21-50": 1,
-                                                 "51-100": 0, ">100": 1}
+    assert cluster_size_histogram(clusters) == [["1", 1], ["2-5", 1], ["6-10", 0], ["11-20", 0], ["21-50", 1],
+                                                 ["51-100", 0], [">100", 1]]

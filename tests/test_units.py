@@ -88,3 +88,15 @@ def test_sample_is_deterministic_and_served_through_the_proxy(tmp_path):
         assert body == (tmp_path / "a" / "files" / "photos" / "astronaut.jpg").read_bytes()
         with pytest.raises(urllib.error.HTTPError, match="404"):
             urllib.request.urlopen(f"http://{SAMPLE_HOST}/../../etc/passwd", timeout=5)
+
+
+def test_every_subpackage_is_listed_for_installation():
+    import configparser
+
+    from tests.conftest import REPO
+
+    config = configparser.ConfigParser()
+    config.read(REPO / "setup.cfg")
+    listed = set(config["options"]["packages"].split())
+    found = {".".join(p.parent.relative_to(REPO).parts) for p in (REPO / "densefusion_hf").rglob("__init__.py")}
+    assert found <= listed, f"add to setup.cfg [options] packages: {sorted(found - listed)}"

@@ -29,16 +29,16 @@ import numpy as np
 # temporaries to a few hundred MB whatever the data, e.g. a bucket holding most hashes.
 _BATCH = 1 << 22
 _MAX_RADIUS = 4
-_LAYERS = 2
-# A probed chunk keeps a dense value -> bucket table of 2**width int32 (64 MiB at 24 bits).
+_LOW32 = np.uint64(0xFFFFFFFF)
+# A probed chunk keeps a dense table of 2**width uint32 or uint64 (up to 128 MiB at 24 bits).
 _MAX_PROBE_WIDTH = 24
 
-# Cost model, seconds per operation as measured with numpy on one core; only the ratios matter.
-_COST_SORT = 2e-7  # per hash per chunk: argsort and bucket bounds
-_COST_MASK = 1e-4  # per probe mask: Python and numpy call overhead
-_COST_WORD = 3e-9  # per bitmap word per probe mask
-_COST_CAND = 3e-8  # per candidate pair: generate and verify
-_COST_BRUTE = 2e-9  # per pair, brute force
+# Cost model: seconds per operation, measured with numpy on one (busy) core; only ratios matter.
+_COST_SORT = 3e-7  # per hash per chunk: argsort, tables, bitmaps
+_COST_MASK = 1.5e-4  # per probe mask: Python and numpy call overhead
+_COST_WORD = 1.2e-8  # per bitmap word visited per probe mask (half the bitmap)
+_COST_CAND = 6e-8  # per candidate pair, dominated by two random lookups in a big table
+_COST_BRUTE = 6e-9  # per pair, brute force
 
 if hasattr(np, "bitwise_count"):  # numpy >= 2.0
     _popcount = np.bitwise_count
@@ -99,7 +99,7 @@ def brute_force_pairs(hashes: np.ndarray, threshold: int) -> np.ndarray:
 
 
 def _as_hashes(hashes: np.ndarray) -> np.ndarray:
-    h = np.asarray(hashes)
+    h = hashes if isinstance(hashes, np.ndarray) else np.asarray(hashes, dtype=np.uint64)
     if h.ndim != 1:
         raise ValueError(f"hashes must be a 1-D array, got shape {h.shape}")
     if h.size and h.dtype != np.uint64:
@@ -117,10 +117,7 @@ def _as_threshold(threshold: int) -> int:
 
 def _distinct_pairs(u: np.ndarray, t: int, chunks: Sequence[tuple[int, int]] | None) -> np.ndarray:
     """Pairs of indices into the sorted distinct hashes ``u`` within distance ``t``."""
-    if chunks is None:
-        nbits = int(np.bitwise_or.reduce(u)).bit_length()  # bits above are 0 everywhere: skip them
-        plan = _plan(_round(len(u)), t, nbits)
-    else:
+    if chunks is not None:
         widths = [w for w, _ in chunks]
         if sum(widths) != 64 or sum(r + 1 for _, r in chunks) <= t or \
                 any(w < 1 or r < 0 or (r and w > _MAX_PROBE_WIDTH) for w, r in chunks):
@@ -128,6 +125,9 @@ def _distinct_pairs(u: np.ndarray, t: int, chunks: Sequence[tuple[int, int]] | N
         plan = tuple((sum(widths[:i]), w, r) for i, (w, r) in enumerate(chunks))
     if t == 0 or len(u) < 2:  # distinct hashes are never at distance 0
         return np.zeros((0, 2), dtype=np.int64)
+    if chunks is None:
+        nbits = int(np.bitwise_or.reduce(u)).bit_length()  # bits above are 0 everywhere: skip them
+        plan = _plan(_round(len(u)), t, nbits)
     if plan is None:
         return brute_force_pairs(u, t)
     found = [np.zeros((0, 2), dtype=np.int64)]
@@ -162,58 +162,69 @@ def _search_chunk(u: np.ndarray, t: int, shift: int, width: int, radius: int) ->
     if radius == 0:
         return found
 
-    # Probing works on bitmaps of chunk values (value v is bit v & 63 of word v >> 6). Buckets of
-    # up to _LAYERS hashes are split into layers, layer k holding each bucket's k-th hash in a
-    # dense value -> hash table, so a candidate costs two lookups. Bigger buckets (rare unless
-    # the hashes cluster) go through the generic, batched path.
+    # Probing works on bitmaps of chunk values (value v is bit v & 63 of word v >> 6): one pass per
+    # XOR mask finds every pair of occupied values {v, v ^ mask}. Candidates are then filtered on
+    # a 32-bit fold (XOR of the halves) of their other bits, which never raises a popcount, so
+    # the filter drops no true pair; the fold sits in a dense value -> fold table (a 2-hash bucket
+    # keeps both folds in one 64-bit entry), so a candidate costs two lookups and only the few
+    # survivors are verified exactly. Buckets of 3+ hashes (rare unless hashes cluster) skip it.
     nwords = 1 << max(0, width - 6)
-    small = size <= _LAYERS
-    layers = []
-    for k in range(min(_LAYERS, int(size.max()))):
-        sel = np.flatnonzero(small & (size > k))
-        table = np.empty(1 << width, dtype=np.uint64)  # only occupied values are ever read
-        table[values[sel]] = hs[first[sel] + k]
-        layers.append((_bitmap(values[sel], nwords), table))
-    big = np.flatnonzero(~small)
-    if len(big):
-        big_words, any_words = _bitmap(values[big], nwords), _bitmap(values, nwords)
-        bucket_of = np.empty(1 << width, dtype=np.int32)
-        bucket_of[values[big]] = big  # small buckets get their number when needed, below
-        bucket_of[values[small]] = np.flatnonzero(small)
+    rest = hs & ~np.uint64(((1 << width) - 1) << shift)
+    fold = (rest ^ (rest >> np.uint64(32))) & _LOW32
+    small = np.flatnonzero(size <= 2)
+    two = bool((size == 2).any())
+    entry = fold[first[small]]
+    if two:  # a singleton's second half repeats its first: a duplicate candidate, dropped below
+        second = fold[np.minimum(first[small] + 1, len(hs) - 1)]
+        entry |= np.where(size[small] == 2, second, entry) << np.uint64(32)
+    table = np.empty(1 << width, dtype=np.uint64 if two else np.uint32)  # only occupied values are read
+    table[values[small]] = entry.astype(table.dtype)
+    small_words, any_words = _bitmap(values[small], nwords), _bitmap(values, nwords)
+    counts = _popcount(any_words).astype(np.int64)
+    before = np.cumsum(counts) - counts  # occupied values in earlier words: bucket numbers by rank
+    big = len(small) < len(size)
+    if big:
+        big_words = _bitmap(values[size > 2], nwords)
     all_words = np.arange(nwords)
-    low_half: dict[int, np.ndarray] = {}  # word indices whose bit k - 6 is clear
+    sides: dict[int, tuple] = {}  # per top mask bit: probing side's word indices and words
 
-    for r in range(1, radius + 1):
+    for r in range(1, min(radius, t) + 1):  # chunks alone more than t apart: no pair
+        limit = t - r  # the other bits may differ in at most this many
         for bits in combinations(range(width), r):
             mask = sum(1 << b for b in bits)
             top = bits[-1]
             # Each unordered bucket pair {v, v ^ mask} once: from the side whose top mask bit is clear.
-            if top >= 6:
-                index = low_half.get(top)
-                if index is None:
-                    index = low_half[top] = all_words[(all_words >> (top - 6)) & 1 == 0]
-                here = [occupied[index] for occupied, _ in layers]
+            if top not in sides:
+                if top >= 6:
+                    index = all_words[(all_words >> (top - 6)) & 1 == 0]
+                    sides[top] = index, small_words[index], any_words[index], big and big_words[index]
+                else:
+                    keep = _SWAP[top]
+                    sides[top] = all_words, small_words & keep, any_words & keep, big and big_words & keep
+            index, here_small, here_any, here_big = sides[top]
+            v = _set_bits(index, here_small & _xor_words(small_words, index, mask))
+            a, b = table[v], table[v ^ mask]
+            x = a ^ b
+            if two:
+                y = a ^ ((b >> np.uint64(32)) | (b << np.uint64(32)))
+                ok = ((_popcount(x & _LOW32) <= limit) | (_popcount(x >> np.uint64(32)) <= limit)
+                      | (_popcount(y & _LOW32) <= limit) | (_popcount(y >> np.uint64(32)) <= limit))
             else:
-                index = all_words
-                here = [occupied & _SWAP[top] for occupied, _ in layers]
-            there = [_xor_words(occupied, index, mask) for occupied, _ in layers]
-            for p, (_, table_p) in enumerate(layers):
-                for q, (_, table_q) in enumerate(layers):
-                    v = _set_bits(index, here[p] & there[q])
-                    a = table_p[v]
-                    ok = _popcount(a ^ table_q[v ^ mask]) <= t
-                    if ok.any():
-                        found.append(np.stack([np.searchsorted(u, a[ok]), np.searchsorted(u, table_q[v[ok] ^ mask])], axis=1))
-            if len(big):
-                h_big, h_any = big_words[index], any_words[index]
-                if top < 6:
-                    h_big, h_any = h_big & _SWAP[top], h_any & _SWAP[top]
-                hit = (h_big & _xor_words(any_words, index, mask)) | (h_any & _xor_words(big_words, index, mask))
-                v = _set_bits(index, hit)
-                a, b = bucket_of[v], bucket_of[v ^ mask]
-                verify(_ranges(first[a], size[a]),
-                       np.stack([np.repeat(first[b], size[a]), np.repeat(size[b], size[a])], axis=1))
+                ok = _popcount(x) <= limit
+            v = v[ok]
+            if big:
+                hit = (here_big & _xor_words(any_words, index, mask)) | (here_any & _xor_words(big_words, index, mask))
+                v = np.concatenate([v, _set_bits(index, hit)])
+            a, b = _rank(any_words, before, v), _rank(any_words, before, v ^ mask)
+            verify(_ranges(first[a], size[a]),
+                   np.stack([np.repeat(first[b], size[a]), np.repeat(size[b], size[a])], axis=1))
     return found
+
+
+def _rank(words: np.ndarray, before: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Number of set bits below each value ``v`` in the bitmap ``words``."""
+    below = (np.uint64(1) << (v & 63).astype(np.uint64)) - np.uint64(1)
+    return before[v >> 6] + _popcount(words[v >> 6] & below)
 
 
 def _bitmap(values: np.ndarray, nwords: int) -> np.ndarray:
@@ -326,7 +337,7 @@ def _plan(n: int, t: int, nbits: int) -> tuple[tuple[int, int, int], ...] | None
         if r and w > _MAX_PROBE_WIDTH:
             return inf
         masks = _ball(w, r) - 1
-        return (_COST_SORT * n + masks * (_COST_MASK + _COST_WORD * max(1, 2 ** (w - 7)))
+        return (_COST_SORT * n + masks * (_COST_MASK + _COST_WORD * 2 ** max(0, w - 7))
                 + _COST_CAND * pairs * _ball(w, r) / 2**w)
 
     @lru_cache(maxsize=None)

@@ -9,6 +9,7 @@ The folder is built beside its final place and swapped in whole, so it is never 
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -124,8 +125,10 @@ class Publish(Stage):
             writer.close()
 
         summaries = [stage_summary(ctx.workdir, s) for s in recipe.stages if s != self.name]
+        selection = ctx.stage_dir("select").path / "summary.json"
         render_card(staging, recipe=recipe, features=features, num_examples=total, num_bytes=num_bytes,
-                    stage_summaries=summaries)
+                    stage_summaries=summaries,
+                    selection=json.loads(selection.read_text()) if selection.exists() else None)
         if final.exists():
             old = temporary_name(final.with_name(final.name + ".old"))
             os.replace(final, old)

@@ -10,6 +10,7 @@ cluster-size histogram.
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from dataclasses import asdict
 
@@ -20,7 +21,7 @@ import pyarrow.parquet as pq
 from densefusion_hf.models import ImageTextEmbedder
 from densefusion_hf.recipe import Recipe
 from densefusion_hf.selection import cluster_size_histogram, random_subset, select
-from densefusion_hf.shards import StageDir, atomic_write_json
+from densefusion_hf.shards import StageDir, atomic_write_json, temporary_name
 from densefusion_hf.stages.base import BuildContext, GlobalStage
 from densefusion_hf.stages.embed import load_embeddings
 from densefusion_hf.stages.ingest import filter_reason
@@ -41,7 +42,16 @@ def category_scores(ctx: BuildContext, keys: list[str]) -> tuple[list[str], np.n
         mean = vectors.mean(axis=0)
         prototypes.append(mean / max(np.linalg.norm(mean), 1e-12))
         names.append(category.name)
-    similarity = images @ np.stack(prototypes).T
+    prototypes = np.stack(prototypes)
+    # Kept beside the selection so the category vectors can be inspected or reused.
+    out = ctx.stage_dir("select").path
+    tmp = temporary_name(out / "category_emb.npy")
+    with open(tmp, "wb") as handle:
+        np.save(handle, prototypes.astype(np.float32))
+    os.replace(tmp, out / "category_emb.npy")
+    atomic_write_json(out / "categories.json", {"names": names, "model": ctx.recipe.embed.model,
+                                                "prompts": {c.name: c.prompts for c in settings.categories}})
+    similarity = images @ prototypes.T
     best = similarity.argmax(axis=1)
     score = similarity[np.arange(len(keys)), best]
     labels = [names[b] if s >= settings.category_threshold else "other" for b, s in zip(best, score)]
@@ -114,7 +124,7 @@ class Select(GlobalStage):
             "rows_in": len(rows), "rows_selected": len(kept),
             "dropped": dict(Counter(r for r in reasons if r).most_common()),
             "categories": dict(Counter(categories[i] for i in kept).most_common()),
-            "cluster_sizes": cluster_size_histogram(clusters) if clusters is not None else {},
+            "cluster_sizes": cluster_size_histogram(clusters) if clusters is not None else [],
             "unmet_minimums": result.unmet_minimums,
         })
         return pa.table({

@@ -20,6 +20,9 @@ from densefusion_hf.stages.base import BuildContext, GlobalStage
 from densefusion_hf.stages.embed import load_embeddings
 
 
+TRAIN_POINTS_PER_CLUSTER = 64
+
+
 class SemDedup(GlobalStage):
     name = "semdedup"
 
@@ -36,8 +39,11 @@ class SemDedup(GlobalStage):
                              "detail": pa.array([], pa.string()), "dup_of": pa.array([], pa.string()),
                              "cluster": pa.array([], pa.int64()),
                              "centroid_similarity": pa.array([], pa.float32())})
+        # 64 points per cluster keeps training linear in K: faiss's own default (256) costs 4x more time
+        # for little gain in recall (benchmarks/semdedup.py).
         result = semdedup(embeddings, settings.clusters, settings.eps, seed=settings.seed,
-                          max_train_points=settings.train_points)
+                          niter=settings.iterations,
+                          max_train_points=settings.train_points or TRAIN_POINTS_PER_CLUSTER * settings.clusters)
         reasons, details, dup_of = [], [], []
         for index, winner in enumerate(result.dup_of):
             if winner < 0:
