@@ -92,7 +92,8 @@ class Dedup:
     perceptual: bool = option(True, help="drop near-identical images (image hashes within the threshold)")
     algorithm: Literal["phash", "dhash", "ahash", "whash"] = option("phash", help="imagehash algorithm")
     hash_size: int = option(8, ge=2, le=8, help="hash side; the hash has hash_size**2 bits (at most 64)")
-    threshold: int = option(8, ge=0, le=32, help="largest Hamming distance between near duplicates")
+    threshold: int = option(8, ge=0, le=16, help="largest Hamming distance between near duplicates "
+                                                 "(above ~16 the search degrades towards all pairs)")
     processes: Optional[int] = option(None, ge=1, help="hashing processes (default: all cores; "
                                                        "does not change the output)")
 

@@ -33,7 +33,7 @@ def test_missing_recipe_and_unknown_stage(tmp_path):
     assert result.returncode == 1 and "recipe file not found" in result.stderr
     path = write_recipe(tmp_path / "r.yaml", {"name": "x", "source": {"sample": True}})
     result = run_cli("build", str(path), "--only", "fecth", "--workdir", str(tmp_path / "w"))
-    assert result.returncode == 1 and "unknown stage fecth" in result.stderr and "ingest, fetch, publish" in result.stderr
+    assert result.returncode == 1 and "unknown stage fecth" in result.stderr and "ingest, fetch, dedup, select, publish" in result.stderr
 
 
 def test_status_of_a_folder_that_is_not_a_workdir(tmp_path):

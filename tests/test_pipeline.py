@@ -51,7 +51,7 @@ def test_output_affecting_change_is_refused_until_fresh(small):
     message = str(info.value)
     assert "stage 'fetch'" in message and "resize_max_side: None -> 256" in message and "--fresh" in message
     rows = build(recipe(fetch={"resize": {"max_side": 256}}), workdir, fresh=True, show_progress=False)
-    assert set(rows) == {"ingest", "fetch", "publish"}
+    assert set(rows) == {"ingest", "fetch", "dedup", "select", "publish"}
     fetched = [r for s in StageDir(workdir, "fetch").done_shards() for r in StageDir(workdir, "fetch").read(s).to_pylist()]
     assert fetched and all(max(r["width"], r["height"]) <= 256 for r in fetched)
 
@@ -78,13 +78,15 @@ def test_settings_that_do_not_change_output_do_not_block_resume(small):
 
 def test_only_needs_complete_upstream(small):
     recipe, workdir = small
-    with pytest.raises(UserError, match="reads the output of 'fetch'"):
+    with pytest.raises(UserError, match="reads the output of 'select'.*--only select,publish"):
         build(recipe(), workdir, only="publish", show_progress=False)
     with pytest.raises(UserError, match="unknown stage caption"):
         build(recipe(), workdir, only="caption", show_progress=False)
     build(recipe(), workdir, only="ingest", show_progress=False)
     assert Manifest(workdir).stage("ingest")["complete"] and Manifest(workdir).stage("fetch") is None
-    build(recipe(), workdir, only="fetch,publish", show_progress=False)
+    with pytest.raises(UserError, match="'dedup' reads the output of 'fetch'"):
+        build(recipe(), workdir, only="dedup", show_progress=False)
+    build(recipe(), workdir, only="fetch,dedup,select,publish", show_progress=False)
     assert (workdir / "dataset" / "README.md").exists()
 
 

@@ -54,7 +54,9 @@ else:  # pragma: no cover - old numpy
 _SWAP = [np.uint64(sum(1 << p for p in range(64) if not p >> j & 1)) for j in range(6)]
 
 
-def hamming_pairs(hashes: np.ndarray, threshold: int, *, chunks: Sequence[tuple[int, int]] | None = None) -> np.ndarray:
+def hamming_pairs(
+    hashes: np.ndarray, threshold: int, *, chunks: Sequence[tuple[int, int]] | None = None
+) -> np.ndarray:
     """All index pairs ``(i, j)``, ``i < j``, with ``popcount(hashes[i] ^ hashes[j]) <= threshold``.
 
     ``hashes`` is a 1-D array of uint64 (e.g. imagehash's 8x8 phash packed into 64 bits; shorter
@@ -62,12 +64,13 @@ def hamming_pairs(hashes: np.ndarray, threshold: int, *, chunks: Sequence[tuple[
     exactly what ``brute_force_pairs`` returns, for every threshold.
 
     Speed: identical hashes are collapsed to one first, so piles of exact copies (blank images)
-    cost nothing beyond their output. For random 64-bit hashes at thresholds up to ~12 the search
-    is sub-quadratic (about 20-30 s for a million hashes at threshold 10 on one core). Past that
-    the pigeonhole filters stop paying off and the cost model switches to the exact blocked brute
-    force, O(n**2) but still exact. Hashes clustered far more tightly than random ones make more
-    candidates (never wrong results). The output itself can be quadratic: k copies of one hash
-    give k(k-1)/2 pairs.
+    cost nothing beyond their output. The rest costs far less than all pairs but grows steeply
+    with the threshold: for a million random 64-bit hashes about 8 s at threshold 8 and 35 s at
+    threshold 10 on one core, ~300 MB. Larger thresholds stay exact: as the pigeonhole filters
+    lose their bite (around 16-20 for 64-bit hashes) the cost model switches to the blocked
+    brute force, O(n**2). Hashes clustered more tightly than random ones make more candidates
+    (slower, never wrong). The output itself can be quadratic: k copies of one hash give
+    k(k-1)/2 pairs.
 
     ``chunks`` forces the layout instead of the cost model's choice (for tests and tuning): a
     ``(width, radius)`` per chunk, low bits first, widths summing to 64, ``sum(radius + 1) >
@@ -174,7 +177,7 @@ def _search_chunk(u: np.ndarray, t: int, shift: int, width: int, radius: int) ->
     small = np.flatnonzero(size <= 2)
     two = bool((size == 2).any())
     entry = fold[first[small]]
-    if two:  # a singleton's second half repeats its first: a duplicate candidate, dropped below
+    if two:  # a singleton repeats its fold in the high half: that only re-tests the same pair
         second = fold[np.minimum(first[small] + 1, len(hs) - 1)]
         entry |= np.where(size[small] == 2, second, entry) << np.uint64(32)
     table = np.empty(1 << width, dtype=np.uint64 if two else np.uint32)  # only occupied values are read
@@ -182,11 +185,10 @@ def _search_chunk(u: np.ndarray, t: int, shift: int, width: int, radius: int) ->
     small_words, any_words = _bitmap(values[small], nwords), _bitmap(values, nwords)
     counts = _popcount(any_words).astype(np.int64)
     before = np.cumsum(counts) - counts  # occupied values in earlier words: bucket numbers by rank
+    big_words = _bitmap(values[size > 2], nwords)
     big = len(small) < len(size)
-    if big:
-        big_words = _bitmap(values[size > 2], nwords)
     all_words = np.arange(nwords)
-    sides: dict[int, tuple] = {}  # per top mask bit: probing side's word indices and words
+    sides: dict[int, tuple] = {}  # per top mask bit: the probing side's word indices and words
 
     for r in range(1, min(radius, t) + 1):  # chunks alone more than t apart: no pair
         limit = t - r  # the other bits may differ in at most this many
@@ -195,12 +197,9 @@ def _search_chunk(u: np.ndarray, t: int, shift: int, width: int, radius: int) ->
             top = bits[-1]
             # Each unordered bucket pair {v, v ^ mask} once: from the side whose top mask bit is clear.
             if top not in sides:
-                if top >= 6:
-                    index = all_words[(all_words >> (top - 6)) & 1 == 0]
-                    sides[top] = index, small_words[index], any_words[index], big and big_words[index]
-                else:
-                    keep = _SWAP[top]
-                    sides[top] = all_words, small_words & keep, any_words & keep, big and big_words & keep
+                index = all_words[(all_words >> (top - 6)) & 1 == 0] if top >= 6 else all_words
+                keep = _SWAP[top] if top < 6 else ~np.uint64(0)
+                sides[top] = index, *(words[index] & keep for words in (small_words, any_words, big_words))
             index, here_small, here_any, here_big = sides[top]
             v = _set_bits(index, here_small & _xor_words(small_words, index, mask))
             a, b = table[v], table[v ^ mask]
@@ -213,7 +212,8 @@ def _search_chunk(u: np.ndarray, t: int, shift: int, width: int, radius: int) ->
                 ok = _popcount(x) <= limit
             v = v[ok]
             if big:
-                hit = (here_big & _xor_words(any_words, index, mask)) | (here_any & _xor_words(big_words, index, mask))
+                hit = (here_big & _xor_words(any_words, index, mask)) | \
+                      (here_any & _xor_words(big_words, index, mask))
                 v = np.concatenate([v, _set_bits(index, hit)])
             a, b = _rank(any_words, before, v), _rank(any_words, before, v ^ mask)
             verify(_ranges(first[a], size[a]),

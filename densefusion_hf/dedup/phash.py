@@ -213,18 +213,21 @@ def phash_many(
         return [_hash_or_none(b, hash_size, algorithm) for b in blobs]
 
     import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
 
     # ~4 chunks per worker balances the load; capping the size keeps a chunk's bytes moderate.
+    # ProcessPoolExecutor rather than Pool: a worker killed by a decoder crash raises BrokenProcessPool
+    # instead of hanging the build forever.
     chunksize = max(1, min(32, len(blobs) // (processes * 4)))
     context = multiprocessing.get_context()
     if context.get_start_method() == "fork":
         spans = [(i, min(i + chunksize, len(blobs))) for i in range(0, len(blobs), chunksize)]
         work = partial(_hash_span, hash_size=hash_size, algorithm=algorithm)
-        with context.Pool(processes, initializer=_inherit, initargs=(blobs,)) as pool:
-            return [h for part in pool.map(work, spans, chunksize=1) for h in part]
+        with ProcessPoolExecutor(processes, mp_context=context, initializer=_inherit, initargs=(blobs,)) as pool:
+            return [h for part in pool.map(work, spans) for h in part]
     one = partial(_hash_or_none, hash_size=hash_size, algorithm=algorithm)
-    with context.Pool(processes) as pool:
-        return pool.map(one, blobs, chunksize=chunksize)
+    with ProcessPoolExecutor(processes, mp_context=context) as pool:
+        return list(pool.map(one, blobs, chunksize=chunksize))
 
 
 def hamming(a: int, b: int) -> int:
