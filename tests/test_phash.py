@@ -140,3 +140,27 @@ def test_hamming():
     assert hamming(0, 0) == 0
     assert hamming(0b1011, 0b0001) == 2
     assert hamming((1 << 64) - 1, 0) == 64
+
+
+def test_refined_pairs_are_the_exact_pairs_when_drafts_are_close():
+    """Pairs whose draft distance is off by at most REFINE_SLACK come out as the exact hashes give them."""
+    from densefusion_hf.dedup.hamming import brute_force_pairs
+    from densefusion_hf.dedup.phash import REFINE_SLACK, refined_pairs
+
+    rng = np.random.default_rng(1)
+    base = rng.integers(0, 2**63, 200, dtype=np.uint64)
+    copies = [int(h) ^ sum(1 << int(b) for b in rng.choice(64, d, replace=False))
+              for h, d in zip(base[:100], rng.integers(5, 12, 100))]  # distances around the threshold 8
+    exact = np.concatenate([base, np.array(copies, dtype=np.uint64)])
+    draft = exact.copy()
+    for row in range(200, 300):  # the draft of each copy is off by REFINE_SLACK bits
+        draft[row] ^= np.uint64(sum(1 << int(b) for b in rng.choice(64, REFINE_SLACK, replace=False)))
+    asked = []
+
+    def exact_hashes(rows):
+        asked.extend(rows.tolist())
+        return [int(exact[r]) for r in rows]
+
+    got = refined_pairs(draft, 8, exact_hashes)
+    assert got.tolist() == brute_force_pairs(exact, 8).tolist()
+    assert 0 < len(asked) < len(exact)  # only rows near the threshold were hashed again

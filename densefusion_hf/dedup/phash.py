@@ -48,7 +48,6 @@ HIGHFREQ_FACTOR = 4
 # factor 4 decodes at 1/4 (4x the pixels) and was ~1.35x slower on the 1024-px benchmark set for
 # ~0.1 bit better agreement. Factor 2 keeps small images accurate at no cost for large ones.
 DRAFT_FACTOR = 2
-
 # Below this gap (relative to the largest coefficient) between a DCT coefficient and the median,
 # rounding could decide the bit differently from scipy's FFT; such images are redone with scipy.
 _TIE_EPS = 1e-9
@@ -117,13 +116,14 @@ def _phash_image(pixels: np.ndarray, hash_size: int) -> int:
     return _bits_to_int(low > med)
 
 
-def phash_bytes(data: bytes, hash_size: int = 8, algorithm: str = "phash") -> int:
+def phash_bytes(data: bytes, hash_size: int = 8, algorithm: str = "phash", draft: bool = True) -> int:
     """Perceptual hash of an encoded image as an int of ``hash_size**2`` bits (imagehash's bits).
 
     ``algorithm`` is "phash" (default), "dhash", "ahash" (imagehash's ``average_hash``) or
     "whash" (imagehash's ``whash``, computed by imagehash itself on the full decode, since its
     wavelet scale depends on the image size). Raises ``UnreadableImage`` for bytes Pillow cannot
-    decode and ``ValueError`` for a bad ``hash_size``/``algorithm``.
+    decode and ``ValueError`` for a bad ``hash_size``/``algorithm``.  ``draft=False`` decodes JPEGs
+    in full: slower, and then the bits are imagehash's exactly.
     """
     _check(hash_size, algorithm)
     try:
@@ -132,14 +132,14 @@ def phash_bytes(data: bytes, hash_size: int = 8, algorithm: str = "phash") -> in
             # batch's stderr; whatever cannot be decoded still raises.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             warnings.filterwarnings("ignore", message="Palette images with Transparency", category=UserWarning)
-            return _hash(data, hash_size, algorithm)
+            return _hash(data, hash_size, algorithm, draft)
     except Image.DecompressionBombError as exc:
         raise UnreadableImage(f"too large to decode safely: {exc}") from None
     except Exception as exc:  # Pillow raises many types for bad data; all mean "unreadable"
         raise UnreadableImage(f"{type(exc).__name__}: {exc}") from None
 
 
-def _hash(data: bytes, hash_size: int, algorithm: str) -> int:
+def _hash(data: bytes, hash_size: int, algorithm: str, draft: bool = True) -> int:
     if algorithm == "whash":
         import imagehash
 
@@ -152,14 +152,7 @@ def _hash(data: bytes, hash_size: int, algorithm: str) -> int:
         size = (hash_size + 1, hash_size)
     else:  # ahash
         size = (hash_size, hash_size)
-    target = (size[0] * DRAFT_FACTOR, size[1] * DRAFT_FACTOR)
-
-    image, box = _open(data, target)
-    with image:
-        grey = image.convert("L")  # a no-op copy after a luma draft; imagehash's conversion otherwise
-    small = grey.resize(size, Image.Resampling.LANCZOS, box=box)
-    pixels = np.asarray(small)
-
+    pixels = _small_grey(data, size, (size[0] * DRAFT_FACTOR, size[1] * DRAFT_FACTOR) if draft else None)
     if algorithm == "phash":
         return _phash_image(pixels, hash_size)
     if algorithm == "dhash":
@@ -167,9 +160,17 @@ def _hash(data: bytes, hash_size: int, algorithm: str) -> int:
     return _bits_to_int(pixels > pixels.mean())
 
 
-def _hash_or_none(data: bytes, hash_size: int, algorithm: str) -> int | None:
+def _small_grey(data: bytes, size: tuple[int, int], target: tuple[int, int] | None) -> np.ndarray:
+    """The image as grey pixels of ``size``, resized as imagehash does (from a draft decode if ``target``)."""
+    image, box = _open(data, target)
+    with image:
+        grey = image.convert("L")  # a no-op copy after a luma draft; imagehash's conversion otherwise
+    return np.asarray(grey.resize(size, Image.Resampling.LANCZOS, box=box))
+
+
+def _hash_or_none(data: bytes, hash_size: int, algorithm: str, draft: bool = True) -> int | None:
     try:
-        return phash_bytes(data, hash_size, algorithm)
+        return phash_bytes(data, hash_size, algorithm, draft)
     except UnreadableImage:
         return None
     except Exception:  # anything else Pillow or numpy throws on hostile input: still one bad image
@@ -185,8 +186,8 @@ def _inherit(blobs: list[bytes]) -> None:
     _INHERITED = blobs
 
 
-def _hash_span(span: tuple[int, int], hash_size: int, algorithm: str) -> list[int | None]:
-    return [_hash_or_none(b, hash_size, algorithm) for b in _INHERITED[span[0]:span[1]]]
+def _hash_span(span: tuple[int, int], hash_size: int, algorithm: str, draft: bool) -> list[int | None]:
+    return [_hash_or_none(b, hash_size, algorithm, draft) for b in _INHERITED[span[0]:span[1]]]
 
 
 def phash_many(
@@ -194,6 +195,7 @@ def phash_many(
     hash_size: int = 8,
     algorithm: str = "phash",
     processes: int | None = None,
+    draft: bool = True,
 ) -> list[int | None]:
     """Hash many encoded images, in order; ``None`` for any that cannot be decoded (never raises).
 
@@ -210,7 +212,7 @@ def phash_many(
         processes = os.cpu_count() or 1
     processes = max(1, min(int(processes), len(blobs)))
     if processes == 1:
-        return [_hash_or_none(b, hash_size, algorithm) for b in blobs]
+        return [_hash_or_none(b, hash_size, algorithm, draft) for b in blobs]
 
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
@@ -222,10 +224,10 @@ def phash_many(
     context = multiprocessing.get_context()
     if context.get_start_method() == "fork":
         spans = [(i, min(i + chunksize, len(blobs))) for i in range(0, len(blobs), chunksize)]
-        work = partial(_hash_span, hash_size=hash_size, algorithm=algorithm)
+        work = partial(_hash_span, hash_size=hash_size, algorithm=algorithm, draft=draft)
         with ProcessPoolExecutor(processes, mp_context=context, initializer=_inherit, initargs=(blobs,)) as pool:
             return [h for part in pool.map(work, spans) for h in part]
-    one = partial(_hash_or_none, hash_size=hash_size, algorithm=algorithm)
+    one = partial(_hash_or_none, hash_size=hash_size, algorithm=algorithm, draft=draft)
     with ProcessPoolExecutor(processes, mp_context=context) as pool:
         return list(pool.map(one, blobs, chunksize=chunksize))
 
@@ -233,3 +235,36 @@ def phash_many(
 def hamming(a: int, b: int) -> int:
     """Number of differing bits between two hashes (imagehash's ``h1 - h2``)."""
     return (a ^ b).bit_count()
+
+
+# Draft hashes differ from imagehash's by a few bits at most (0.43 on average on the benchmark set; bits
+# flip in pairs across the median, so by 2, rarely 4).  Pairs whose draft distance lies within this slack
+# of the threshold are decided on exact hashes instead.  2 gave the very pairs imagehash gives on
+# benchmarks/phash_throughput.py's set with known duplicates; it is measured there, not a proof.
+REFINE_SLACK = 2
+
+
+def refined_pairs(hashes: np.ndarray, threshold: int, exact_hashes, slack: int = REFINE_SLACK) -> np.ndarray:
+    """Near-duplicate pairs (distance <= threshold) as imagehash's own hashes would give them.
+
+    ``hashes`` are draft hashes (uint64); ``exact_hashes(rows)`` returns the full-decode hashes of the
+    given row indices.  Pairs far below or above the threshold are decided by the draft hashes; only
+    rows in a pair within ``slack`` of it are hashed again, usually a small fraction.
+    """
+    from densefusion_hf.dedup.hamming import hamming_pairs
+
+    hashes = np.asarray(hashes, dtype=np.uint64)
+    candidates = hamming_pairs(hashes, threshold + slack)
+    if len(candidates) == 0:
+        return candidates
+    distance = np.bitwise_count(hashes[candidates[:, 0]] ^ hashes[candidates[:, 1]])
+    sure = candidates[distance <= threshold - slack]
+    border = candidates[distance > threshold - slack]
+    if len(border) == 0:
+        return sure
+    rows = np.unique(border)
+    exact = dict(zip(rows.tolist(), exact_hashes(rows)))
+    keep = [(i, j) for i, j in border.tolist()
+            if exact[i] is not None and exact[j] is not None and (exact[i] ^ exact[j]).bit_count() <= threshold]
+    found = np.concatenate([sure, np.array(keep, dtype=np.int64).reshape(-1, 2)])
+    return found[np.lexsort((found[:, 1], found[:, 0]))]

@@ -14,7 +14,6 @@ Everything is deterministic: the same files and metadata on every run and machin
 from __future__ import annotations
 
 import io
-import json
 from dataclasses import dataclass
 from pathlib import Path
 

@@ -94,6 +94,17 @@ def with_images(ctx: BuildContext, rows: pa.Table, shard: str) -> pa.Table:
     return rows.append_column("image", fetched.column("image").take(pa.array(order, pa.int64())))
 
 
+def decision_table(keys: list[str], reasons: list, details: list, dup_of: list | None = None,
+                   **columns: pa.Array) -> pa.Table:
+    """A GlobalStage decision: per key, why it is dropped (None keeps it), and the columns to add."""
+    return pa.table({
+        "key": pa.array(keys, pa.string()), "reason": pa.array(reasons, pa.string()),
+        "detail": pa.array(details, pa.string()),
+        "dup_of": pa.array(dup_of if dup_of is not None else [None] * len(keys), pa.string()),
+        **columns,
+    })
+
+
 class GlobalStage(ShardStage):
     """A decision over all rows at once (duplicate groups, clusters, quotas), applied shard by shard.
 

@@ -1,8 +1,9 @@
 """dedup: exact duplicates (sha256 of the bytes) and perceptual near duplicates (image hashes).
 
-First every shard's images are hashed (resumable, kept in ``dedup/measure/``); then one global decision
-groups duplicates (union of exact pairs and hash pairs within the Hamming threshold, found by
-multi-index hashing, never all-pairs) and keeps one image per group: the most pixels, then the highest
+First every shard's images are hashed from a fast draft decode (resumable, kept in ``dedup/measure/``);
+then one global decision groups duplicates (union of exact pairs and hash pairs within the Hamming
+threshold, found by multi-index hashing, never all-pairs; pairs whose draft distance is near the
+threshold are decided on full-decode hashes, as imagehash computes them) and keeps one image per group: the most pixels, then the highest
 similarity, then the smallest key.  The others are dropped as ``exact_dup`` or ``near_dup`` with
 ``dup_of`` naming the kept row.
 """
@@ -15,13 +16,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from densefusion_hf.dedup.hamming import hamming_pairs
-from densefusion_hf.dedup.phash import phash_many
+from densefusion_hf.dedup.phash import phash_many, refined_pairs
 from densefusion_hf.dedup.semantic import choose_kept
 from densefusion_hf.dedup.unionfind import connected_components
 from densefusion_hf.recipe import Recipe
 from densefusion_hf.shards import StageDir
-from densefusion_hf.stages.base import BuildContext, GlobalStage, with_images
+from densefusion_hf.stages.base import BuildContext, GlobalStage, decision_table, with_images
 
 MEASURE_SCHEMA = pa.schema([("key", pa.string()), ("phash", pa.string())])
 
@@ -77,6 +77,20 @@ class Dedup(GlobalStage):
             writer.write(table)
         measures.finish(shard, [], {"rows_in": rows.num_rows, "rows_out": rows.num_rows})
 
+    @staticmethod
+    def _exact_hashes(ctx: BuildContext, wanted: list[tuple[str, str]]) -> list[int | None]:
+        """Full-decode hashes for (shard, key) pairs, read from fetch's shards one shard at a time."""
+        settings = ctx.recipe.dedup
+        result: dict[str, int | None] = {}
+        for shard in sorted({s for s, _ in wanted}):
+            keys = {k for s, k in wanted if s == shard}
+            images = ctx.stage_dir("fetch").read(shard, columns=["key", "image"])
+            images = images.filter(pc.is_in(images.column("key"), pa.array(sorted(keys))))
+            hashes = phash_many(images.column("image").to_pylist(), hash_size=settings.hash_size,
+                                algorithm=settings.algorithm, processes=settings.processes, draft=False)
+            result.update(zip(images.column("key").to_pylist(), hashes))
+        return [result.get(k) for _, k in wanted]
+
     def decide(self, ctx: BuildContext, source: StageDir, shards: list[str]) -> pa.Table:
         settings, measures = ctx.recipe.dedup, self.measures(ctx)
         measures.prepare()
@@ -85,11 +99,11 @@ class Dedup(GlobalStage):
                 if not measures.is_done(shard):
                     self.measure_shard(ctx, shard, source)
         small = ["key", "sha256", "width", "height", "similarity"]
-        table = pa.concat_tables([source.read(s, columns=small) for s in shards]) if shards else None
+        parts = [source.read(s, columns=small) for s in shards]
+        row_shard = [s for s, part in zip(shards, parts) for _ in range(part.num_rows)]
+        table = pa.concat_tables(parts) if parts else None
         if table is None or table.num_rows == 0:
-            return pa.table({"key": pa.array([], pa.string()), "reason": pa.array([], pa.string()),
-                             "detail": pa.array([], pa.string()), "dup_of": pa.array([], pa.string()),
-                             "phash": pa.array([], pa.string())})
+            return decision_table([], [], [], phash=pa.array([], pa.string()))
         keys = table.column("key").to_pylist()
         if settings.perceptual:
             hashes = pa.concat_tables([measures.read(s) for s in shards])
@@ -101,7 +115,16 @@ class Dedup(GlobalStage):
         if settings.perceptual:
             have = np.array([i for i, h in enumerate(phash) if h is not None], dtype=np.int64)
             values = np.array([int(phash[i], 16) for i in have], dtype=np.uint64)
-            found = hamming_pairs(values, settings.threshold)
+            bits = settings.hash_size ** 2
+
+            def exact_hashes(rows: np.ndarray) -> list[int | None]:
+                """Full-decode hashes of rows near the threshold; they also replace the draft ones."""
+                found = self._exact_hashes(ctx, [(row_shard[have[r]], keys[have[r]]) for r in rows])
+                for r, value in zip(rows, found):
+                    phash[have[r]] = hash_hex(value, bits) if value is not None else phash[have[r]]
+                return found
+
+            found = refined_pairs(values, settings.threshold, exact_hashes)
             pairs.append(have[found] if len(found) else found)
         labels = connected_components(len(keys), np.concatenate(pairs) if pairs else np.zeros((0, 2)))
         pixels = pc.multiply(table.column("width"), table.column("height")).to_numpy(zero_copy_only=False)
@@ -124,6 +147,4 @@ class Dedup(GlobalStage):
                 reasons.append("near_dup")
                 details.append(f"{settings.algorithm} distance {distance} to {keys[winner]}"
                                if distance is not None else f"in the duplicate group of {keys[winner]}")
-        return pa.table({"key": keys, "reason": pa.array(reasons, pa.string()),
-                         "detail": pa.array(details, pa.string()), "dup_of": pa.array(dup_of, pa.string()),
-                         "phash": pa.array(phash, pa.string())})
+        return decision_table(keys, reasons, details, dup_of, phash=pa.array(phash, pa.string()))

@@ -22,7 +22,7 @@ from densefusion_hf.models import ImageTextEmbedder
 from densefusion_hf.recipe import Recipe
 from densefusion_hf.selection import cluster_size_histogram, random_subset, select
 from densefusion_hf.shards import StageDir, atomic_write_json, temporary_name
-from densefusion_hf.stages.base import BuildContext, GlobalStage
+from densefusion_hf.stages.base import BuildContext, GlobalStage, decision_table
 from densefusion_hf.stages.embed import load_embeddings
 from densefusion_hf.stages.ingest import filter_reason
 
@@ -127,9 +127,7 @@ class Select(GlobalStage):
             "cluster_sizes": cluster_size_histogram(clusters) if clusters is not None else [],
             "unmet_minimums": result.unmet_minimums,
         })
-        return pa.table({
-            "key": pa.array(keys, pa.string()), "reason": pa.array(reasons, pa.string()),
-            "detail": pa.array(details, pa.string()), "dup_of": pa.array([None] * len(rows), pa.string()),
-            "category": pa.array(categories, pa.string()), "category_score": pa.array(category_score, pa.float32()),
-            "cluster_rank": pa.array(cluster_rank, pa.int64()),
-        })
+        return decision_table(keys, reasons, details,
+                              category=pa.array(categories, pa.string()),
+                              category_score=pa.array(category_score, pa.float32()),
+                              cluster_rank=pa.array(cluster_rank, pa.int64()))

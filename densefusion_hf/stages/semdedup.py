@@ -16,7 +16,7 @@ import pyarrow as pa
 from densefusion_hf.dedup.semantic import semdedup
 from densefusion_hf.recipe import Recipe
 from densefusion_hf.shards import StageDir
-from densefusion_hf.stages.base import BuildContext, GlobalStage
+from densefusion_hf.stages.base import BuildContext, GlobalStage, decision_table
 from densefusion_hf.stages.embed import load_embeddings
 
 
@@ -35,10 +35,8 @@ class SemDedup(GlobalStage):
         upstream_keys = [k for s in shards for k in source.read(s, columns=["key"]).column("key").to_pylist()]
         assert keys == upstream_keys, "embeddings and rows are out of step; rebuild embed with --fresh"
         if not keys:
-            return pa.table({"key": pa.array([], pa.string()), "reason": pa.array([], pa.string()),
-                             "detail": pa.array([], pa.string()), "dup_of": pa.array([], pa.string()),
-                             "cluster": pa.array([], pa.int64()),
-                             "centroid_similarity": pa.array([], pa.float32())})
+            return decision_table([], [], [], cluster=pa.array([], pa.int64()),
+                                  centroid_similarity=pa.array([], pa.float32()))
         # 64 points per cluster keeps training linear in K: faiss's own default (256) costs 4x more time
         # for little gain in recall (benchmarks/semdedup.py).
         result = semdedup(embeddings, settings.clusters, settings.eps, seed=settings.seed,
@@ -53,9 +51,6 @@ class SemDedup(GlobalStage):
             reasons.append("semantic_dup")
             details.append(f"cosine {cosine:.3f} to {keys[winner]} in cluster {int(result.assignment[index])}")
             dup_of.append(keys[winner])
-        return pa.table({
-            "key": keys, "reason": pa.array(reasons, pa.string()), "detail": pa.array(details, pa.string()),
-            "dup_of": pa.array(dup_of, pa.string()),
-            "cluster": pa.array(result.assignment.astype(np.int64)),
-            "centroid_similarity": pa.array(result.centroid_similarity.astype(np.float32)),
-        })
+        return decision_table(keys, reasons, details, dup_of,
+                              cluster=pa.array(result.assignment.astype(np.int64)),
+                              centroid_similarity=pa.array(result.centroid_similarity.astype(np.float32)))
