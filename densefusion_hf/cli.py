@@ -40,9 +40,11 @@ def build(recipe: Path, workdir: Path | None, only: str | None, fresh: bool, pro
     """Build the dataset described by RECIPE (a builders/*.yaml file).
 
     Stages run in the recipe's order: ingest (metadata, keys, metadata filters), fetch (img2dataset
-    download and decode check), publish (Parquet + dataset card in WORKDIR/dataset). A build that is
-    interrupted or crashes resumes where it stopped when run again; a recipe change that would make
-    finished outputs wrong is refused until you pass --fresh.
+    download and decode check), dedup (sha256 and pHash), embed (CLIP/SigLIP, clip-retrieval layout),
+    semdedup (SemDeDup), select (size, categories, top N per cluster, quotas, subset), publish (Parquet +
+    dataset card in WORKDIR/dataset). A build that is interrupted or crashes resumes where it stopped
+    when run again; a recipe change that would make finished outputs wrong is refused until you pass
+    --fresh.
     """
     from densefusion_hf.pipeline import build as run_build, default_workdir
     from densefusion_hf.recipe import load_recipe
@@ -97,7 +99,7 @@ def recipe_fields():
 def main(argv: list[str] | None = None) -> None:
     """Entry point: one paragraph and a non-zero status on failure, never a lost build."""
     try:
-        cli.main(args=argv, prog_name="df-hf", standalone_mode=False)
+        status = cli.main(args=argv, prog_name="df-hf", standalone_mode=False)
     except click.exceptions.Abort:
         click.echo("Interrupted. Finished shards are kept: run the same command again to resume.", err=True)
         sys.exit(130)
@@ -116,4 +118,4 @@ def main(argv: list[str] | None = None) -> None:
                    f"the cause, run the same command again to resume. Please report this with the "
                    f"traceback above.", err=True)
         sys.exit(1)
-    sys.exit(0)
+    sys.exit(status if isinstance(status, int) else 0)

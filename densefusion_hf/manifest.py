@@ -66,8 +66,11 @@ class Manifest:
     def check(self, name: str, params: dict, fp: str, has_outputs: bool, workdir: Path) -> None:
         """Refuse to resume a stage whose finished outputs came from other settings."""
         recorded = self.stage(name)
-        if not has_outputs or recorded is None or recorded.get("fingerprint") == fp:
+        if not has_outputs or (recorded is not None and recorded.get("fingerprint") == fp):
             return
+        if recorded is None:
+            raise UserError(f"{workdir} has outputs of stage '{name}' that its manifest does not describe, so "
+                            f"they cannot be trusted. Rebuild with --fresh, or use another --workdir.")
         changes = describe_changes(recorded.get("params", {}), params)
         what = ("; ".join(changes) if changes
                 else "an earlier stage it reads from changed")

@@ -21,6 +21,13 @@ def pick_device(requested: str) -> str:
     return requested
 
 
+def resolved_dtype_name(requested: str, device: str = "auto") -> str:
+    """The dtype a run will use, by name: 'auto' means float16 on cuda, float32 on cpu."""
+    if requested != "auto":
+        return requested
+    return "float16" if pick_device(device) == "cuda" else "float32"
+
+
 def pick_dtype(requested: str, device: str):
     import torch
 
@@ -59,7 +66,7 @@ class ImageTextEmbedder:
         try:
             self.processor = AutoProcessor.from_pretrained(location)
             self.model = AutoModel.from_pretrained(location, dtype=self.dtype).to(self.device).eval()
-        except OSError as exc:
+        except (OSError, ValueError, ImportError) as exc:
             raise UserError(f"Cannot load the model {name!r}: {exc}. Give a Hub id that is in the local cache "
                             f"(or reachable), or a local folder with config.json and weights.") from None
         if not hasattr(self.model, "get_image_features"):
@@ -75,7 +82,9 @@ class ImageTextEmbedder:
         return self._normalise(features)
 
     def embed_texts(self, texts: list[str]) -> np.ndarray:
-        inputs = self.processor(text=texts, return_tensors="pt", padding=True, truncation=True).to(self.device)
+        # SigLIP was trained on text padded to its full length; CLIP pads to the longest text.
+        padding = "max_length" if "siglip" in self.model.config.model_type else True
+        inputs = self.processor(text=texts, return_tensors="pt", padding=padding, truncation=True).to(self.device)
         with self._torch.inference_mode():
             features = _features(self.model.get_text_features(**inputs))
         return self._normalise(features)

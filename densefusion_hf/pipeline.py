@@ -71,21 +71,28 @@ def build(recipe: Recipe, workdir: Path, only: str | None = None, fresh: bool = 
             for name in recipe.stages[first:]:
                 STAGES[name].clear(ctx)
                 manifest.data["stages"].pop(name, None)
-        manifest.set_recipe(recipe)
-
-        upstream, upstream_fp = None, None
+        # Every check before anything runs or the manifest changes: a refused build leaves no trace.
+        plan, upstream_fp = [], None
         for name in recipe.stages[: recipe.stages.index(selected[-1]) + 1]:
             stage = STAGES[name]
             params = stage.params(recipe)
             fp = fingerprint(params, upstream_fp)
             manifest.check(name, params, fp, stage.has_outputs(ctx), workdir)
-            if name in selected:
-                if upstream is not None and not (manifest.stage(upstream) or {}).get("complete"):
-                    raise UserError(f"Stage '{name}' reads the output of '{upstream}', which is not complete "
-                                    f"in {workdir}. Run it first: `--only {upstream},{name}`, or no --only.")
-                manifest.record(name, params, fp, complete=False)
+            plan.append((stage, params, fp))
+            upstream_fp = fp
+        first = recipe.stages.index(selected[0])
+        if first and not (manifest.stage(recipe.stages[first - 1]) or {}).get("complete"):
+            before = recipe.stages[first - 1]
+            raise UserError(f"Stage '{selected[0]}' reads the output of '{before}', which is not complete "
+                            f"in {workdir}. Run it first: `--only {before},{selected[0]}`, or no --only.")
+        manifest.set_recipe(recipe)
+
+        upstream = None
+        for stage, params, fp in plan:
+            if stage.name in selected:
+                manifest.record(stage.name, params, fp, complete=False)
                 summary = stage.run(ctx, upstream)
-                manifest.record(name, params, fp, complete=True, **summary)
-                results[name] = summary
-            upstream, upstream_fp = name, fp
+                manifest.record(stage.name, params, fp, complete=True, **summary)
+                results[stage.name] = summary
+            upstream = stage.name
     return results

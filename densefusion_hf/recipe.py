@@ -1,14 +1,14 @@
 """Recipes: one YAML file per dataset (builders/*.yaml), validated when loaded.
 
-Each stage has its own section, so stages still to come (dedup, embed, select, caption) add a section
-and a name in ``STAGE_ORDER`` without touching the others.  Relative paths resolve against the recipe's
+Each stage has its own section, so a new stage (caption) adds a section and a name in ``STAGE_ORDER``
+without touching the others.  Relative paths resolve against the recipe's
 folder.  ``describe_fields(Recipe)`` lists every field with its help text.
 """
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -97,6 +97,10 @@ class Dedup:
     processes: Optional[int] = option(None, ge=1, help="hashing processes (default: all cores; "
                                                        "does not change the output)")
 
+    def __post_init__(self):
+        if self.algorithm == "whash" and self.hash_size & (self.hash_size - 1):
+            raise SchemaProblem("dedup.hash_size", f"whash needs a power of 2 (2, 4 or 8); found {self.hash_size}")
+
 
 @dataclass
 class Embed:
@@ -126,8 +130,13 @@ class SemDedup:
 class Category:
     name: str = option(pattern=r"[a-z0-9][a-z0-9_-]*", help="category name (lower case)")
     prompts: list[str] = option(help="texts describing the category, embedded with the embed model")
-    min_share: Optional[float] = option(None, ge=0, le=1, help="at least this share of the selection")
-    max_share: Optional[float] = option(None, ge=0, le=1, help="at most this share of the selection")
+    min_share: Optional[float] = option(None, ge=0, le=1, help="at least this share of the target size")
+    max_share: Optional[float] = option(None, ge=0, le=1, help="at most this share of the target size")
+
+    def __post_init__(self):
+        if self.min_share is not None and self.max_share is not None and self.min_share > self.max_share:
+            raise SchemaProblem("select.categories", f"{self.name}: min_share {self.min_share} is larger than "
+                                                     f"max_share {self.max_share}")
 
 
 @dataclass
@@ -221,10 +230,6 @@ class Recipe:
     path: Path = field(default=Path(), init=False)
     sha256: str = field(default="", init=False)
 
-    def section(self, stage: str) -> dict:
-        """The recipe's settings as a plain dict, for manifests and fingerprints."""
-        return asdict(getattr(self, stage))
-
 
 def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> tuple[object, bytes]:
     """The document at ``path`` with its ``extends:`` base merged under it, and all the bytes read."""
@@ -274,7 +279,7 @@ def load_recipe(path: str | Path) -> Recipe:
     base = path.resolve().parent
     recipe = parse(Recipe, data, source=path, base=base)
     model = recipe.embed.model
-    if model and model.startswith((".", "/", "~")):  # a local folder, relative to the recipe
+    if model and (model.startswith((".", "/", "~")) or (base / model).is_dir()):  # a local folder
         recipe.embed.model = str((base / Path(model).expanduser()).resolve())
     recipe.path = path.resolve()
     recipe.sha256 = hashlib.sha256(raw).hexdigest()

@@ -195,7 +195,7 @@ def parse(cls: Any, data: Any, *, source: Path, base: Path) -> Any:
 
 
 def describe_fields(cls: Any, prefix: str = "") -> list[tuple[str, str, str]]:
-    """(path, type, help) for every field, for documentation and ``df-hf recipe-help``."""
+    """(path, type, help) for every field, for documentation and ``df-hf recipe fields``."""
     rows = []
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):

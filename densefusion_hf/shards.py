@@ -106,7 +106,8 @@ class StageDir:
     def done_shards(self) -> list[str]:
         if not self.path.is_dir():
             return []
-        return sorted(p.name[len("shard-"):-len(".done")] for p in self.path.glob("shard-*.done"))
+        names = [p.name[len("shard-"):-len(".done")] for p in self.path.glob("shard-*.done")]
+        return sorted(names, key=lambda n: (len(n), n))  # numeric order, also past 99999
 
     def prepare(self) -> None:
         """Create the folder and remove what an interrupted run left half-written."""

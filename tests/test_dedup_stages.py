@@ -132,3 +132,30 @@ def test_an_unreadable_image_is_recorded_not_fatal(dedup_build, tmp_path):
     hashes = {r["url"]: r["phash"] for r in _kept(workdir, "dedup")}
     assert hashes[damaged] is None and all(h for u, h in hashes.items() if u != damaged)
     assert damaged not in {r["url"] for r in _kept(workdir, "select")}
+
+
+def test_a_shard_emptied_by_dedup_flows_through_every_later_stage(tmp_path, image_server):
+    # Shard 1 holds only copies of shard 0's astronaut (same bytes under other URLs): dedup empties it.
+    rows = [{"URL": f"{image_server}/img/astronaut.jpg", "similarity": 0.9},
+            {"URL": f"{image_server}/img/coffee.jpg"},
+            {"URL": f"{image_server}/img/astronaut.jpg?copy=1", "similarity": 0.1},
+            {"URL": f"{image_server}/img/astronaut.jpg?copy=2", "similarity": 0.1},
+            {"URL": f"{image_server}/img/rocket.jpg"}]
+    write_metadata(tmp_path / "meta.parquet", rows)
+    recipe = load_recipe(write_recipe(tmp_path / "recipe.yaml", {
+        "name": "empty-shard", "source": {"metadata": ["meta.parquet"], "rows_per_shard": 2},
+        "fetch": {"timeout": 5}, "dedup": {"processes": 1}, "embed": {"model": "sample:tiny-clip"},
+        "semdedup": {"clusters": 2, "eps": 0.0005},
+        "select": {"top_per_cluster": 5, "categories": [{"name": "any", "prompts": ["a photo"]}],
+                   "category_threshold": -1.0}}))
+    workdir = tmp_path / "work"
+    build(recipe, workdir, show_progress=False)
+    assert StageDir(workdir, "dedup").stats("00001")["rows_out"] == 0
+    assert np.load(embedding_paths(workdir, "00001")[0]).shape[0] == 0
+    published = [r for f in sorted((workdir / "dataset" / "data").glob("*.parquet"))
+                 for r in pq.read_table(f).to_pylist()]
+    assert sorted(r["url"].rsplit("/", 1)[1] for r in published) == ["astronaut.jpg", "coffee.jpg", "rocket.jpg"]
+    # Only fetch keeps image bytes; the stages after it carry the small columns.
+    for stage in ("dedup", "embed", "semdedup", "select"):
+        out = StageDir(workdir, stage)
+        assert all("image" not in pq.read_schema(out.shard_path(s)).names for s in out.done_shards()), stage

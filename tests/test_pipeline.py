@@ -31,16 +31,21 @@ def small(tmp_path, image_server):
 
 
 def _mtimes(workdir, stage):
-    return {p.name: p.stat().st_mtime_ns for p in (workdir / stage).glob("shard-?????.parquet")}
+    pattern = "train-*.parquet" if stage.startswith("dataset") else "shard-?????.parquet"
+    return {p.name: p.stat().st_mtime_ns for p in (workdir / stage).glob(pattern)}
 
 
 def test_rerun_skips_finished_shards_and_changes_nothing(small):
     recipe, workdir = small
     build(recipe(), workdir, show_progress=False)
-    before = {s: _mtimes(workdir, s) for s in ("ingest", "fetch")}
-    assert len(before["fetch"]) == 3
+    stages = ("ingest", "fetch", "dedup", "select", "dataset/data")
+    before = {s: _mtimes(workdir, s) for s in stages}
+    before["decision"] = (workdir / "dedup" / "decision.parquet").stat().st_mtime_ns
+    assert len(before["fetch"]) == 3 and len(before["dataset/data"]) == 2
     build(recipe(), workdir, show_progress=False)
-    assert {s: _mtimes(workdir, s) for s in ("ingest", "fetch")} == before
+    after = {s: _mtimes(workdir, s) for s in stages}
+    after["decision"] = (workdir / "dedup" / "decision.parquet").stat().st_mtime_ns
+    assert after == before
 
 
 def test_output_affecting_change_is_refused_until_fresh(small):
@@ -73,7 +78,32 @@ def test_upstream_change_makes_downstream_stale(small):
 def test_settings_that_do_not_change_output_do_not_block_resume(small):
     recipe, workdir = small
     build(recipe(), workdir, show_progress=False)
-    build(recipe(fetch={"threads": 7, "timeout": 9.0, "retries": 2}), workdir, show_progress=False)
+    before = {s: _mtimes(workdir, s) for s in ("ingest", "fetch", "dedup", "select")}
+    build(recipe(fetch={"threads": 7, "timeout": 9.0, "retries": 2}, dedup={"processes": 1}), workdir,
+          show_progress=False)
+    assert {s: _mtimes(workdir, s) for s in ("ingest", "fetch", "dedup", "select")} == before
+
+
+def test_a_decision_made_with_other_settings_is_not_reused(small):
+    recipe, workdir = small
+    build(recipe(), workdir, only="ingest,fetch,dedup", show_progress=False)
+    for marker in (workdir / "dedup").glob("shard-*.done"):  # killed after deciding, before any shard
+        marker.unlink()
+    assert (workdir / "dedup" / "decision.parquet").exists()
+    with pytest.raises(UserError, match="stage 'dedup'.*threshold: 8 -> 4"):
+        build(recipe(dedup={"threshold": 4}), workdir, show_progress=False)
+    assert Manifest(workdir).data["stages"]["dedup"]["params"]["threshold"] == 8  # the refusal changed nothing
+
+
+def test_publish_will_not_replace_a_folder_it_did_not_write(small, tmp_path):
+    recipe, workdir = small
+    target = tmp_path / "my-clone"
+    target.mkdir()
+    (target / ".git").mkdir()
+    (target / "notes.txt").write_text("keep me")
+    with pytest.raises(UserError, match="holds files publish did not write.*notes.txt"):
+        build(recipe(publish={"output": str(target)}), workdir, show_progress=False)
+    assert (target / "notes.txt").read_text() == "keep me"
 
 
 def test_only_needs_complete_upstream(small):

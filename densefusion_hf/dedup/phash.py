@@ -251,13 +251,13 @@ def refined_pairs(hashes: np.ndarray, threshold: int, exact_hashes, slack: int =
     given row indices.  Pairs far below or above the threshold are decided by the draft hashes; only
     rows in a pair within ``slack`` of it are hashed again, usually a small fraction.
     """
-    from densefusion_hf.dedup.hamming import hamming_pairs
+    from densefusion_hf.dedup.hamming import _popcount, hamming_pairs
 
     hashes = np.asarray(hashes, dtype=np.uint64)
     candidates = hamming_pairs(hashes, threshold + slack)
     if len(candidates) == 0:
         return candidates
-    distance = np.bitwise_count(hashes[candidates[:, 0]] ^ hashes[candidates[:, 1]])
+    distance = _popcount(hashes[candidates[:, 0]] ^ hashes[candidates[:, 1]])
     sure = candidates[distance <= threshold - slack]
     border = candidates[distance > threshold - slack]
     if len(border) == 0:

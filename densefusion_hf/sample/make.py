@@ -1,7 +1,7 @@
 """The embedded sample: LAION-style metadata over local images, with realistic failures.
 
-Photographs come from scikit-image's bundled data; signs with text are rendered with Pillow, so OCR has
-something real to read.  Some rows are built to fail or to be filtered, so a demo build shows every
+Photographs come from scikit-image's bundled data; signs with text are rendered with Pillow, so the
+images hold real text to read.  Some rows are built to fail or to be filtered, so a demo build shows every
 kind of drop with its reason: a dead link (404), a zero-byte file, a truncated JPEG, an HTML page
 served as ``.jpg``, a repeated URL, and rows that the metadata filters reject.  A few near duplicates
 (a smaller re-encoded copy, a byte-identical copy under another URL) are kept for the dedup stage;

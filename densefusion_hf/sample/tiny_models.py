@@ -7,6 +7,8 @@ download.  Their outputs carry no meaning: a card built with one says so (the mo
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 SPECIAL_TOKENS = ["<unk>", "<pad>", "<s>", "</s>"]
@@ -46,10 +48,13 @@ def build_tiny_clip(folder: Path, seed: int = 0) -> Path:
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
     folder = Path(folder)
-    if (folder / "config.json").exists():
+    if folder.exists():
         return folder
-    folder.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer(folder)
+    # Built beside its place and renamed, so a killed build never leaves half a model behind.
+    staging = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    tokenizer = build_tokenizer(staging)
     tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                  projection_dim=32)
     config = CLIPConfig(
@@ -65,8 +70,9 @@ def build_tiny_clip(folder: Path, seed: int = 0) -> Path:
         image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
         tokenizer=tokenizer,
     )
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
+    model.save_pretrained(staging)
+    processor.save_pretrained(staging)
+    os.replace(staging, folder)
     return folder
 
 

@@ -80,6 +80,11 @@ class ShardStage(Stage):
         return {"shards_total": len(shards)}
 
 
+def small_columns(path) -> list[str]:
+    """Every column of a shard but the image bytes."""
+    return [name for name in pq.read_schema(path).names if name != "image"]
+
+
 def with_images(ctx: BuildContext, rows: pa.Table, shard: str) -> pa.Table:
     """``rows`` (a shard of a stage after fetch) with the ``image`` bytes from the fetch shard of the same id.
 
@@ -134,9 +139,14 @@ class GlobalStage(ShardStage):
             self._position = {k: i for i, k in enumerate(self._decision.column("key").to_pylist())}
         return super().run(ctx, upstream)
 
+    def has_outputs(self, ctx: BuildContext) -> bool:
+        # A decision or measurements made with other settings must not be reused either.
+        return (super().has_outputs(ctx) or self.decision_path(ctx).exists()
+                or bool(ctx.stage_dir(f"{self.name}/measure").done_shards()))
+
     def run_shard(self, ctx: BuildContext, shard: str, source: StageDir, out: StageDir) -> dict:
         started = time.monotonic()
-        rows = source.read(shard)
+        rows = source.read(shard, columns=small_columns(source.shard_path(shard)))
         decided = self._decision.take(pa.array([self._position[k] for k in rows.column("key").to_pylist()],
                                                pa.int64()))
         added = [n for n in decided.column_names if n not in ("key", "reason", "detail", "dup_of")]

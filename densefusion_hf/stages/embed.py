@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from densefusion_hf.images import load_rgb
-from densefusion_hf.models import ImageTextEmbedder
+from densefusion_hf.models import ImageTextEmbedder, resolved_dtype_name
 from densefusion_hf.recipe import Recipe
 from densefusion_hf.shards import StageDir, temporary_name
 from densefusion_hf.stages.base import BuildContext, ShardStage, with_images
@@ -35,8 +35,11 @@ def load_embeddings(workdir: Path, shards: list[str]) -> tuple[list[str], np.nda
     keys, blocks = [], []
     for shard in shards:
         emb_path, meta_path = embedding_paths(workdir, shard)
+        block = np.load(emb_path)
+        if len(block) == 0:  # a shard whose rows were all dropped upstream
+            continue
         keys.extend(pq.read_table(meta_path, columns=["key"]).column("key").to_pylist())
-        blocks.append(np.load(emb_path).astype(np.float32))
+        blocks.append(block.astype(np.float32))
     dim = blocks[0].shape[1] if blocks else 0
     return keys, (np.concatenate(blocks) if blocks else np.zeros((0, dim), np.float32))
 
@@ -45,8 +48,9 @@ class Embed(ShardStage):
     name = "embed"
 
     def params(self, recipe: Recipe) -> dict:
-        # The dtype changes the numbers a little; the device and batch size do not (beyond float noise).
-        return {"model": recipe.embed.model, "dtype": recipe.embed.dtype}
+        # The dtype changes the numbers a little ('auto' is resolved, so moving a half-built work directory
+        # from a GPU to a CPU machine is detected); the batch size does not.
+        return {"model": recipe.embed.model, "dtype": resolved_dtype_name(recipe.embed.dtype, recipe.embed.device)}
 
     @contextlib.contextmanager
     def session(self, ctx: BuildContext):

@@ -75,9 +75,11 @@ def run_img2dataset(urls_path: str, output_folder: str, rows: int, options: dict
             number_sample_per_shard=part_rows, incremental_mode="incremental", extract_exif=False,
             compute_hash=None, enable_wandb=False, **options,
         )
-    except SystemExit:
+    except SystemExit as exc:
         # img2dataset answers Ctrl-C with sys.exit(0); a stopped download is not a success.
-        raise KeyboardInterrupt from None
+        if exc.code in (0, None):
+            raise KeyboardInterrupt from None
+        raise RuntimeError(f"img2dataset exited with status {exc.code}; see the shard's img2dataset.log") from None
     finally:
         signal.signal(signal.SIGINT, previous)
 

@@ -2,8 +2,8 @@
 
 Nothing is downloaded here: rows are cut into shards of ``source.rows_per_shard`` in source order,
 with the recipe's column names mapped to ours (key, url, text, width, height, similarity, punsafe,
-pwatermark, and ``keep_columns``).  A row whose URL is empty or was already seen, or that a filter
-rejects, is recorded in the shard's dropped rows with its reason and the value that decided it.
+pwatermark, and ``keep_columns``).  A row whose URL is empty, that a filter rejects, or whose URL was
+already kept, is recorded in the shard's dropped rows with its reason and the value that decided it.
 """
 
 from __future__ import annotations
@@ -162,7 +162,15 @@ class Ingest(Stage):
         if recipe.source.sample:
             source["sample_version"] = SAMPLE_VERSION
         source["metadata"] = [str(p) for p in recipe.source.metadata]
-        return {"source": source, "filters": asdict(recipe.filters)}
+        params = {"source": source, "filters": asdict(recipe.filters)}
+        if not recipe.source.sample:
+            # What the globs match now: a file added, removed or replaced moves every shard boundary.
+            try:
+                params["files"] = [[str(f), f.stat().st_size, pq.ParquetFile(f).metadata.num_rows]
+                                   for f in source_files(recipe, Path("."))]
+            except UserError:
+                params["files"] = []  # reported when the stage runs
+        return params
 
     def run(self, ctx: BuildContext, upstream: str | None) -> dict:
         recipe, out = ctx.recipe, ctx.stage_dir(self.name)
@@ -199,20 +207,23 @@ class Ingest(Stage):
     def _split(chunk: pa.Table, seen: set[str], filters: MetadataFilters) -> tuple[list[dict], list[dict]]:
         rows, drops = [], []
         for row in chunk.to_pylist():
-            url = (row.get("url") or "").strip() if isinstance(row.get("url"), str) else ""
+            raw = row.get("url")
+            url = raw.strip() if isinstance(raw, str) else ""
             key = url_key(url)
             if not url:
-                drops.append({"key": key, "url": row.get("url"), "reason": "no_url", "detail": "empty URL"})
+                drops.append({"key": key, "url": None if raw is None else str(raw), "reason": "no_url",
+                              "detail": "no URL" if raw is None else f"not a URL: {raw!r}"[:200]})
                 continue
-            if key in seen:
-                drops.append({"key": key, "url": url, "reason": "duplicate_url",
-                              "detail": "the same URL appears earlier in the metadata"})
-                continue
-            seen.add(key)
             rejected = filter_reason(row, filters)
             if rejected:
                 drops.append({"key": key, "url": url, "reason": rejected[0], "detail": rejected[1]})
                 continue
+            # Only kept rows are remembered, so memory grows with what passes the filters.
+            if key in seen:
+                drops.append({"key": key, "url": url, "reason": "duplicate_url", "dup_of": key,
+                              "detail": "the same URL was kept earlier in the metadata"})
+                continue
+            seen.add(key)
             row.update(key=key, url=url, width=_as_int(row.get("width")), height=_as_int(row.get("height")))
             for column in ("similarity", "punsafe", "pwatermark"):
                 row[column] = _number(row.get(column))

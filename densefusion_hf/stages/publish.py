@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 
 from densefusion_hf.cards import render_card
 from densefusion_hf.console import progress
+from densefusion_hf.errors import UserError
 from densefusion_hf.recipe import Recipe
 from densefusion_hf.report import stage_summary
 from densefusion_hf.shards import temporary_name
@@ -51,6 +52,20 @@ def _to_published(table: pa.Table, schema: pa.Schema) -> pa.Table:
                                        names=["bytes", "path"])
     columns = {name: (image if name == "image" else table.column(name)) for name in schema.names}
     return pa.table(columns, schema=schema)
+
+
+# What a dataset folder written by publish holds; anything else there is not ours to delete.
+_OURS = {"README.md", "data"}
+
+
+def _check_replaceable(folder: Path) -> None:
+    if not folder.exists():
+        return
+    foreign = sorted(p.name for p in folder.iterdir() if p.name not in _OURS and p.suffix != ".png")
+    if foreign:
+        raise UserError(f"publish.output {folder} already holds files publish did not write "
+                        f"({', '.join(foreign[:5])}); it replaces the whole folder. Point publish.output at a "
+                        f"new or empty folder, or remove those files.")
 
 
 def _row_chunks(ctx, source, shards):
@@ -94,9 +109,11 @@ class Publish(Stage):
         total = sum(source.stats(s)["rows_out"] for s in shards)
         n_files = max(1, math.ceil(total / recipe.publish.rows_per_file))
 
+        _check_replaceable(final)
         final.parent.mkdir(parents=True, exist_ok=True)
+        for leftover in final.parent.glob(f".{final.name}*.tmp-*"):  # from a publish that was killed
+            shutil.rmtree(leftover, ignore_errors=True)
         staging = temporary_name(final)
-        shutil.rmtree(staging, ignore_errors=True)
         (staging / "data").mkdir(parents=True)
 
         features = published_features(self._upstream_schema(source, shards))
@@ -127,7 +144,7 @@ class Publish(Stage):
         summaries = [stage_summary(ctx.workdir, s) for s in recipe.stages if s != self.name]
         selection = ctx.stage_dir("select").path / "summary.json"
         render_card(staging, recipe=recipe, features=features, num_examples=total, num_bytes=num_bytes,
-                    stage_summaries=summaries,
+                    stage_summaries=summaries, load_path=str(final),
                     selection=json.loads(selection.read_text()) if selection.exists() else None)
         if final.exists():
             old = temporary_name(final.with_name(final.name + ".old"))
