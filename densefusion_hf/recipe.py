@@ -53,9 +53,10 @@ class Source:
 
 @dataclass
 class MetadataFilters:
-    """Filters on the metadata, applied before anything is downloaded. Null disables a filter."""
+    """Size and score filters; null disables one. In ``filters`` they judge the metadata's listed sizes,
+    before anything is downloaded; in ``select`` the decoded images."""
 
-    min_short_side: Optional[int] = option(None, ge=1, help="drop images whose listed short side is smaller")
+    min_short_side: Optional[int] = option(None, ge=1, help="drop images whose short side is smaller")
     max_aspect_ratio: Optional[float] = option(None, ge=1, help="drop images whose long/short side ratio is larger")
     max_punsafe: Optional[float] = option(None, ge=0, le=1, help="drop rows whose punsafe is larger")
     max_pwatermark: Optional[float] = option(None, ge=0, le=1, help="drop rows whose pwatermark is larger")
@@ -146,14 +147,9 @@ class Subset:
 
 
 @dataclass
-class Select:
-    """Filters on the downloaded images, categories, and cluster-based selection."""
+class Select(MetadataFilters):
+    """The same filters on the downloaded images, then categories and cluster-based selection."""
 
-    min_short_side: Optional[int] = option(None, ge=1, help="drop images whose real short side is smaller")
-    max_aspect_ratio: Optional[float] = option(None, ge=1, help="drop images whose real aspect ratio is larger")
-    max_punsafe: Optional[float] = option(None, ge=0, le=1, help="drop rows whose punsafe is larger")
-    max_pwatermark: Optional[float] = option(None, ge=0, le=1, help="drop rows whose pwatermark is larger")
-    min_similarity: Optional[float] = option(None, ge=-1, le=1, help="drop rows whose similarity is smaller")
     categories: list[Category] = option(factory=list, help="categories, each with prompts and optional quotas")
     category_threshold: float = option(0.2, ge=-1, le=1, help="an image takes its best category when the "
                                                               "cosine similarity reaches this, else 'other'")
