@@ -73,7 +73,7 @@ def _check_keep(groups: np.ndarray, keep: np.ndarray, dup_of: np.ndarray) -> Non
 
 def test_planted_duplicates_found_and_near_misses_not():
     x, dups, misses = _planted()
-    res = semdedup(x, 20, EPS, seed=0)
+    res = semdedup(x, 20, EPS, seed=0, return_pairs=True)
     same_cluster = res.assignment[dups[:, 0]] == res.assignment[dups[:, 1]]
     assert same_cluster.mean() >= 0.95
     found = {tuple(p) for p in res.pairs.tolist()}
@@ -158,7 +158,7 @@ def test_k_larger_than_n_is_clamped():
 
 def test_empty_input():
     x = np.zeros((0, 8), np.float32)
-    res = semdedup(x, 4, EPS)
+    res = semdedup(x, 4, EPS, return_pairs=True)
     assert res.centroids.shape == (0, 8)
     assert res.assignment.shape == res.keep.shape == res.dup_of.shape == (0,)
     assert res.pairs.shape == (0, 2)
@@ -210,3 +210,16 @@ def test_choose_kept_transitive_group():
 def test_rejects_unnormalised_input():
     with pytest.raises(ValueError):
         semdedup(np.full((10, 4), 3.0, np.float32), 2, EPS)
+
+
+def test_groups_found_cluster_by_cluster_equal_the_groups_of_all_pairs():
+    from densefusion_hf.dedup.semantic import duplicate_groups, kmeans, near_duplicate_pairs
+    from densefusion_hf.dedup.unionfind import connected_components
+
+    x, _, _ = _planted(seed=3)
+    _, assignment, _ = kmeans(x, 7, seed=0)
+    # A large eps (the paper's 0.4) chains many rows; small blocks exercise the block loop.
+    pairs = near_duplicate_pairs(x, assignment, 0.4, max_block_elems=5000)
+    groups, n_pairs = duplicate_groups(x, assignment, 0.4, max_block_elems=5000)
+    assert n_pairs == len(pairs) > 100
+    assert groups.tolist() == connected_components(len(x), pairs).tolist()

@@ -189,34 +189,70 @@ def near_duplicate_pairs(
         raise ValueError(f"assignment must have shape ({n},), got {assignment.shape}")
     if not 0.0 < eps <= 2.0:
         raise ValueError(f"eps must be in (0, 2], got {eps}")
+
+    found_i: list[np.ndarray] = []
+    found_j: list[np.ndarray] = []
+    for rows, ii, jj in _cluster_pairs(embeddings, assignment, eps, max_block_elems):
+        found_i.append(rows[ii])
+        found_j.append(rows[jj])
+    if not found_i:
+        return np.zeros((0, 2), dtype=np.int64)
+    pairs = np.stack([np.concatenate(found_i), np.concatenate(found_j)], axis=1).astype(np.int64, copy=False)
+    return pairs[np.lexsort((pairs[:, 1], pairs[:, 0]))]
+
+
+def _cluster_pairs(embeddings: np.ndarray, assignment: np.ndarray, eps: float, max_block_elems: int):
+    """Per cluster of two rows or more: (its rows in increasing order, local i, local j) of its pairs."""
+    n = len(assignment)
     threshold = np.float32(1.0 - eps)
     max_block_elems = max(1, int(max_block_elems))
-
     # Stable sort: rows of a cluster stay in increasing index order, so local i < j means global i < j.
     order = np.argsort(assignment, kind="stable")
     bounds = np.flatnonzero(np.diff(assignment[order])) + 1
     starts = np.concatenate(([0], bounds))
     stops = np.concatenate((bounds, [n]))
     big = (stops - starts) >= 2
-    found_i: list[np.ndarray] = []
-    found_j: list[np.ndarray] = []
     for start, stop in zip(starts[big].tolist(), stops[big].tolist()):
         rows = order[start:stop]
         x = _as_float32_rows(embeddings, rows)
         m = len(rows)
         step = max(1, max_block_elems // m)
+        local_i: list[np.ndarray] = []
+        local_j: list[np.ndarray] = []
         for a in range(0, m - 1, step):
             b = min(m, a + step)
             # Block rows a..b against columns a..m: the triangle left of column a was done earlier.
-            hits = np.triu(x[a:b] @ x[a:].T > threshold, 1)
-            ii, jj = np.nonzero(hits)
+            ii, jj = np.nonzero(np.triu(x[a:b] @ x[a:].T > threshold, 1))
             if len(ii):
-                found_i.append(rows[a + ii])
-                found_j.append(rows[a + jj])
-    if not found_i:
-        return np.zeros((0, 2), dtype=np.int64)
-    pairs = np.stack([np.concatenate(found_i), np.concatenate(found_j)], axis=1).astype(np.int64, copy=False)
-    return pairs[np.lexsort((pairs[:, 1], pairs[:, 0]))]
+                local_i.append(a + ii)
+                local_j.append(a + jj)
+        if local_i:
+            yield rows, np.concatenate(local_i), np.concatenate(local_j)
+
+
+def duplicate_groups(
+    embeddings: np.ndarray,
+    assignment: np.ndarray,
+    eps: float,
+    *,
+    max_block_elems: int = DEFAULT_MAX_BLOCK_ELEMS,
+) -> tuple[np.ndarray, int]:
+    """The groups ``near_duplicate_pairs`` would give (label = smallest row of the group) and the pair count,
+    one cluster at a time: pairs never cross clusters, so no list of all pairs is ever held. With a
+    large eps (the paper's 0.4) a cluster can hold millions of pairs, and a whole pool billions."""
+    n, _ = _check_embeddings(embeddings)
+    assignment = np.asarray(assignment)
+    if assignment.shape != (n,):
+        raise ValueError(f"assignment must have shape ({n},), got {assignment.shape}")
+    if not 0.0 < eps <= 2.0:
+        raise ValueError(f"eps must be in (0, 2], got {eps}")
+    groups = np.arange(n, dtype=np.int64)
+    n_pairs = 0
+    for rows, ii, jj in _cluster_pairs(embeddings, assignment, eps, max_block_elems):
+        local = connected_components(len(rows), np.stack([ii, jj], axis=1))
+        groups[rows] = rows[local]  # rows ascend, so the smallest local index is the smallest row
+        n_pairs += len(ii)
+    return groups, n_pairs
 
 
 @dataclass
@@ -226,7 +262,8 @@ class SemDedupResult:
     centroids: np.ndarray  # (k', d) float32, L2-normalised; k' = min(k, n)
     assignment: np.ndarray  # (n,) int64 cluster of each row
     centroid_similarity: np.ndarray  # (n,) float32 cosine similarity of each row to its centroid
-    pairs: np.ndarray  # (m, 2) int64 near-duplicate pairs i < j, sorted
+    pairs: np.ndarray | None  # (m, 2) int64 near-duplicate pairs i < j, sorted; None unless asked for
+    n_pairs: int  # how many pairs were found
     groups: np.ndarray  # (n,) int64 duplicate group label = smallest row index in the group
     keep: np.ndarray  # (n,) bool, exactly one True per group
     dup_of: np.ndarray  # (n,) int64 kept row of the group for dropped rows, -1 for kept rows
@@ -280,8 +317,12 @@ def semdedup(
     priority: np.ndarray | None = None,
     block_rows: int = DEFAULT_BLOCK_ROWS,
     max_block_elems: int = DEFAULT_MAX_BLOCK_ELEMS,
+    return_pairs: bool = False,
 ) -> SemDedupResult:
     """SemDeDup: k-means, near-duplicate pairs inside clusters, groups, and one kept row per group.
+
+    The pairs themselves are kept only with ``return_pairs`` (tests, benchmarks): a build needs the
+    groups, which are found one cluster at a time whatever the number of pairs.
 
     Groups are the connected components of the pair graph (so A~B and B~C put A, B, C in one group
     even if A and C are not themselves within eps), and exactly one row per group is kept. With
@@ -296,9 +337,13 @@ def semdedup(
     t1 = time.perf_counter()
     assignment, similarity = assign_to_centroids(embeddings, centroids, block_rows=block_rows)
     t2 = time.perf_counter()
-    pairs = near_duplicate_pairs(embeddings, assignment, eps, max_block_elems=max_block_elems)
+    if return_pairs:
+        pairs = near_duplicate_pairs(embeddings, assignment, eps, max_block_elems=max_block_elems)
+        groups, n_pairs = connected_components(len(assignment), pairs), len(pairs)
+    else:
+        pairs = None
+        groups, n_pairs = duplicate_groups(embeddings, assignment, eps, max_block_elems=max_block_elems)
     t3 = time.perf_counter()
-    groups = connected_components(len(assignment), pairs)
     keep, dup_of = choose_kept(groups, -similarity if priority is None else priority)
     t4 = time.perf_counter()
     timings.update(train=t1 - t0, assign=t2 - t1, pairs=t3 - t2, groups=t4 - t3, total=t4 - t0)
@@ -307,6 +352,7 @@ def semdedup(
         assignment=assignment,
         centroid_similarity=similarity,
         pairs=pairs,
+        n_pairs=n_pairs,
         groups=groups,
         keep=keep,
         dup_of=dup_of,
