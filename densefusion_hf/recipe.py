@@ -124,7 +124,7 @@ class SemDedup:
     seed: int = option(0, help="seed of k-means (the same seed selects the same rows)")
     train_points: Optional[int] = option(None, ge=1, help="k-means trains on a seeded sample of this many "
                                                           "points (default: 64 per cluster)")
-    iterations: int = option(10, ge=1, help="k-means iterations")
+    iterations: int = option(8, ge=1, help="k-means iterations")
 
 
 @dataclass
