@@ -183,12 +183,7 @@ def near_duplicate_pairs(
     costs bounded memory, and only the upper triangle is computed block by block. The output itself
     grows with the number of pairs found, so keep eps small (SemDeDup uses values like 0.01-0.1).
     """
-    n, _ = _check_embeddings(embeddings)
-    assignment = np.asarray(assignment)
-    if assignment.shape != (n,):
-        raise ValueError(f"assignment must have shape ({n},), got {assignment.shape}")
-    if not 0.0 < eps <= 2.0:
-        raise ValueError(f"eps must be in (0, 2], got {eps}")
+    n, assignment = _check_cluster_args(embeddings, assignment, eps)
 
     found_i: list[np.ndarray] = []
     found_j: list[np.ndarray] = []
@@ -199,6 +194,16 @@ def near_duplicate_pairs(
         return np.zeros((0, 2), dtype=np.int64)
     pairs = np.stack([np.concatenate(found_i), np.concatenate(found_j)], axis=1).astype(np.int64, copy=False)
     return pairs[np.lexsort((pairs[:, 1], pairs[:, 0]))]
+
+
+def _check_cluster_args(embeddings: np.ndarray, assignment: np.ndarray, eps: float) -> tuple[int, np.ndarray]:
+    n, _ = _check_embeddings(embeddings)
+    assignment = np.asarray(assignment)
+    if assignment.shape != (n,):
+        raise ValueError(f"assignment must have shape ({n},), got {assignment.shape}")
+    if not 0.0 < eps <= 2.0:
+        raise ValueError(f"eps must be in (0, 2], got {eps}")
+    return n, assignment
 
 
 def _cluster_pairs(embeddings: np.ndarray, assignment: np.ndarray, eps: float, max_block_elems: int):
@@ -240,12 +245,7 @@ def duplicate_groups(
     """The groups ``near_duplicate_pairs`` would give (label = smallest row of the group) and the pair count,
     one cluster at a time: pairs never cross clusters, so no list of all pairs is ever held. With a
     large eps (the paper's 0.4) a cluster can hold millions of pairs, and a whole pool billions."""
-    n, _ = _check_embeddings(embeddings)
-    assignment = np.asarray(assignment)
-    if assignment.shape != (n,):
-        raise ValueError(f"assignment must have shape ({n},), got {assignment.shape}")
-    if not 0.0 < eps <= 2.0:
-        raise ValueError(f"eps must be in (0, 2], got {eps}")
+    n, assignment = _check_cluster_args(embeddings, assignment, eps)
     groups = np.arange(n, dtype=np.int64)
     n_pairs = 0
     for rows, ii, jj in _cluster_pairs(embeddings, assignment, eps, max_block_elems):

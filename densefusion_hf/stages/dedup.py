@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from densefusion_hf.dedup.phash import phash_many, refined_pairs
+from densefusion_hf.dedup.phash import hamming, phash_many, refined_pairs
 from densefusion_hf.dedup.semantic import choose_kept
 from densefusion_hf.dedup.unionfind import connected_components
 from densefusion_hf.recipe import Recipe
@@ -142,7 +142,7 @@ class Dedup(GlobalStage):
                 reasons.append("exact_dup")
                 details.append(f"same sha256 as {keys[winner]}")
             else:
-                distance = bin(int(phash[index], 16) ^ int(phash[winner], 16)).count("1") \
+                distance = hamming(int(phash[index], 16), int(phash[winner], 16)) \
                     if phash[index] and phash[winner] else None
                 reasons.append("near_dup")
                 details.append(f"{settings.algorithm} distance {distance} to {keys[winner]}"
