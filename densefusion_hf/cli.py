@@ -92,8 +92,10 @@ def recipe_fields():
     """List every recipe field with its type and meaning."""
     from densefusion_hf.recipe import recipe_fields as fields
 
-    for path, kind, text in fields():
-        click.echo(f"{path:32s} {kind}" + (f"\n{'':32s}   {text}" if text else ""))
+    rows = fields()
+    width = max(len(path) for path, _, _ in rows) + 1
+    for path, kind, text in rows:
+        click.echo(f"{path:{width}s} {kind}" + (f"\n{'':{width}s}   {text}" if text else ""))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -21,18 +21,18 @@ def pick_device(requested: str) -> str:
     return requested
 
 
-def resolved_dtype_name(requested: str, device: str = "auto") -> str:
-    """The dtype a run will use, by name: 'auto' means float16 on cuda, float32 on cpu."""
+def resolved_dtype_name(requested: str, device: str = "auto", half: str = "float16") -> str:
+    """The dtype a run will use, by name: 'auto' means ``half`` on cuda, float32 on cpu."""
     if requested != "auto":
         return requested
-    return "float16" if pick_device(device) == "cuda" else "float32"
+    return half if pick_device(device) == "cuda" else "float32"
 
 
-def pick_dtype(requested: str, device: str):
+def pick_dtype(requested: str, device: str, half: str = "float16"):
     import torch
 
     if requested == "auto":
-        return torch.float16 if device == "cuda" else torch.float32
+        return getattr(torch, half) if device == "cuda" else torch.float32
     return getattr(torch, requested)
 
 
@@ -94,3 +94,21 @@ class ImageTextEmbedder:
         array = features.float().cpu().numpy()
         norms = np.linalg.norm(array, axis=1, keepdims=True)
         return array / np.maximum(norms, 1e-12)
+
+
+def load_pipeline(task: str, name: str, workdir: Path, device: str = "auto", dtype: str = "auto",
+                  half: str = "float16", what: str = "model"):
+    """A transformers pipeline for ``task`` with the model ``name`` (Hub id, local folder or ``sample:``),
+    loaded once on the recipe's device; a model that cannot load is a clear error naming the recipe field."""
+    from transformers import pipeline
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    resolved = pick_device(device)
+    try:
+        return pipeline(task, model=model_location(name, workdir), device=resolved,
+                        dtype=pick_dtype(dtype, resolved, half))
+    except (OSError, ValueError, KeyError, ImportError) as exc:
+        raise UserError(f"Cannot load the {what} {name!r} for the {task} pipeline: {exc}. Give a Hub id that "
+                        f"is in the local cache (or reachable), or a local folder with config.json and "
+                        f"weights.") from None

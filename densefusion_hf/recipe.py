@@ -18,7 +18,7 @@ from densefusion_hf.errors import RecipeError
 from densefusion_hf.schema import SchemaProblem, describe_fields, option, parse
 
 # Stages in the order a build runs them.  Each name is a module in densefusion_hf.stages.
-STAGE_ORDER = ("ingest", "fetch", "dedup", "embed", "semdedup", "select", "publish")
+STAGE_ORDER = ("ingest", "fetch", "dedup", "embed", "semdedup", "select", "caption", "publish")
 
 
 @dataclass
@@ -167,6 +167,147 @@ class Select(MetadataFilters):
             raise SchemaProblem("select.categories", "the min_share values add up to more than 1")
 
 
+Device = Literal["auto", "cpu", "cuda"]
+Dtype = Literal["auto", "float32", "float16", "bfloat16"]
+
+
+@dataclass
+class Tagger:
+    """Image tagging: zero-shot classification (CLIP / SigLIP) over a tag vocabulary."""
+
+    model: Optional[str] = option(None, help="CLIP or SigLIP model (Hub id or local folder); null disables tagging")
+    vocabulary: Optional[Path] = option(None, help="tag file, one tag per line, '#' comments "
+                                                    "(default: the package's everyday-image vocabulary)")
+    hypothesis_template: str = option("a photo of {}.", help="text each tag is put into before embedding")
+    threshold: float = option(0.01, ge=0, le=1, help="keep tags whose score (softmax over the vocabulary "
+                                                       "for CLIP, sigmoid for SigLIP) reaches this")
+    top_k: int = option(10, ge=1, help="keep at most this many tags, best first")
+    batch_size: int = option(32, ge=1, help="images per forward pass (does not change the output)")
+    device: Device = option("auto", help="auto: cuda when present, else cpu")
+    dtype: Dtype = option("auto", help="auto: float16 on cuda, float32 on cpu")
+
+
+@dataclass
+class Detector:
+    """Closed-set object detection through the object-detection pipeline (DETR / RT-DETR family)."""
+
+    model: Optional[str] = option(None, help="detection model (Hub id or local folder); null disables it")
+    threshold: float = option(0.5, ge=0, le=1, help="keep boxes whose confidence reaches this")
+    batch_size: int = option(8, ge=1, help="images per forward pass (does not change the output)")
+    device: Device = option("auto", help="auto: cuda when present, else cpu")
+    dtype: Dtype = option("auto", help="auto: float16 on cuda, float32 on cpu")
+
+
+@dataclass
+class OpenSetDetector:
+    """Open-set detection through the zero-shot-object-detection pipeline (OWLv2 / OWL-ViT), queried with
+    the tagger's tags as the paper does."""
+
+    model: Optional[str] = option(None, help="OWLv2 / OWL-ViT model (Hub id or local folder); null disables it")
+    threshold: float = option(0.2, ge=0, le=1, help="keep boxes whose confidence reaches this")
+    max_queries: int = option(16, ge=1, help="query with at most this many tags (the best ones)")
+    batch_size: int = option(4, ge=1, help="images per forward pass (does not change the output)")
+    device: Device = option("auto", help="auto: cuda when present, else cpu")
+    dtype: Dtype = option("auto", help="auto: float16 on cuda, float32 on cpu")
+
+
+@dataclass
+class Ocr:
+    """Text in the image: rapidocr (PaddleOCR's models, shipped in its wheel) or a transformers model."""
+
+    engine: Optional[Literal["rapidocr", "transformers"]] = option(
+        "rapidocr", help="rapidocr, transformers (an image-text-to-text OCR model), or null to disable OCR")
+    model: Optional[str] = option(None, help="the transformers OCR model (engine: transformers only)")
+    prompt: str = option("Read all the text in the image, one line per line of text.",
+                         help="instruction given to a transformers OCR model")
+    min_score: float = option(0.8, ge=0, le=1, help="keep lines whose recognition score reaches this")
+    max_lines: int = option(20, ge=1, help="keep at most this many lines, in reading order")
+    device: Device = option("auto", help="transformers OCR only: auto uses cuda when present")
+
+    def __post_init__(self):
+        if (self.engine == "transformers") != bool(self.model):
+            raise SchemaProblem("caption.experts.ocr", "ocr.model is needed with engine: transformers, "
+                                                       "and only then")
+
+
+@dataclass
+class AltText:
+    """World knowledge: the web alt text, cleaned, marked in the prompt as possibly wrong."""
+
+    enabled: bool = option(True, help="give the cleaned alt text to the captioner")
+    max_chars: int = option(500, ge=1, help="cut longer alt texts at a word boundary")
+
+
+@dataclass
+class Boxes:
+    """Post-processing of both detectors' boxes before they become priors."""
+
+    merge_iou: float = option(0.7, ge=0, le=1, help="boxes of the same label from the two detectors with at "
+                                                     "least this IoU are one object (the surer one is kept)")
+    max_boxes: int = option(20, ge=0, help="at most this many boxes per image")
+    max_per_label: int = option(5, ge=1, help="at most this many boxes with the same label")
+    small_area: float = option(0.02, gt=0, le=1, help="a box covering less than this share of the image is small")
+    large_area: float = option(0.2, gt=0, le=1, help="a box covering at least this share is large")
+
+    def __post_init__(self):
+        if self.small_area >= self.large_area:
+            raise SchemaProblem("caption.experts.boxes", f"small_area ({self.small_area}) must be smaller than "
+                                                         f"large_area ({self.large_area})")
+
+
+@dataclass
+class Experts:
+    """The vision experts whose outputs become the caption's priors."""
+
+    tagger: Tagger = option(factory=Tagger, help="image tagging")
+    detector: Detector = option(factory=Detector, help="closed-set object detection")
+    open_set: OpenSetDetector = option(factory=OpenSetDetector, help="open-set detection queried with the tags")
+    ocr: Ocr = option(factory=Ocr, help="text recognition")
+    alt_text: AltText = option(factory=AltText, help="the alt text as world knowledge")
+    boxes: Boxes = option(factory=Boxes, help="box merging and balanced sampling")
+
+    def __post_init__(self):
+        if self.open_set.model and not self.tagger.model:
+            raise SchemaProblem("caption.experts.open_set", "the open-set detector is queried with the tagger's "
+                                                            "tags; set caption.experts.tagger.model too, or set "
+                                                            "open_set.model to null")
+
+
+@dataclass
+class Generation:
+    """Generation settings of the multimodal LLM."""
+
+    max_new_tokens: int = option(512, ge=1, help="longest caption in tokens")
+    do_sample: bool = option(False, help="false: greedy decoding (the same inputs give the same caption)")
+    temperature: float = option(1.0, gt=0, help="sampling temperature (do_sample only)")
+    top_p: float = option(1.0, gt=0, le=1, help="nucleus sampling (do_sample only)")
+    repetition_penalty: float = option(1.05, ge=1, help="> 1 discourages repeated text")
+    seed: int = option(0, help="seed for sampling")
+
+
+@dataclass
+class Caption:
+    """Perceptual Fusion: vision experts give priors, a multimodal LLM writes the caption from image + priors."""
+
+    engine: Literal["transformers", "template"] = option(
+        "transformers", help="transformers: an image-text-to-text model; template: the priors written out as a "
+                             "structured description (offline, no model)")
+    model: Optional[str] = option(None, help="the multimodal LLM (Hub id or local folder), engine transformers")
+    prompt_template: Optional[Path] = option(None, help="prompt template file (default: the package's "
+                                                         "Perceptual Fusion prompt)")
+    experts: Experts = option(factory=Experts, help="vision experts")
+    generation: Generation = option(factory=Generation, help="generation settings")
+    rows_per_chunk: int = option(32, ge=1, help="rows captioned and saved together; a crash loses at most one chunk")
+    batch_size: int = option(4, ge=1, help="images per generation batch (does not change greedy output much)")
+    device: Device = option("auto", help="auto: cuda when present, else cpu")
+    dtype: Dtype = option("auto", help="auto: bfloat16 on cuda, float32 on cpu")
+
+    def __post_init__(self):
+        if self.engine == "transformers" and not self.model:
+            raise SchemaProblem("caption.model", "engine 'transformers' needs a model (a Hub id or a local folder); "
+                                                 "or use engine: template to write the priors without a model")
+
+
 @dataclass
 class Publish:
     """The final dataset folder, in the Hub's no-script layout."""
@@ -191,11 +332,13 @@ class Recipe:
     embed: Embed = option(factory=Embed, help="image embeddings")
     semdedup: SemDedup = option(factory=SemDedup, help="semantic deduplication")
     select: Select = option(factory=Select, help="selection")
+    caption: Optional[Caption] = option(None, help="captioning; without this section no caption stage runs")
     publish: Publish = option(factory=Publish, help="output settings")
 
     def __post_init__(self):
         if self.stages is None:
             skip = () if self.embed.model else ("embed", "semdedup")
+            skip += () if self.caption else ("caption",)
             self.stages = [s for s in STAGE_ORDER if s not in skip]
         order = [s for s in STAGE_ORDER if s in self.stages]
         if order != self.stages:
@@ -210,6 +353,8 @@ class Recipe:
         for stage, needed in needs.items():
             if stage in self.stages and needed and needed not in self.stages:
                 raise SchemaProblem("stages", f"{stage} needs the {needed} stage; add it to stages")
+        if "caption" in self.stages and self.caption is None:
+            raise SchemaProblem("stages", "the caption stage needs a caption section (at least caption.engine)")
         if "embed" in self.stages and not self.embed.model:
             raise SchemaProblem("embed.model", "the embed stage needs a model (a Hub id or a local folder)")
         for name in ("punsafe", "pwatermark", "similarity"):
@@ -264,6 +409,15 @@ def _merge(base, override):
     return override
 
 
+def model_sections(recipe: Recipe) -> list:
+    """Every recipe section that names a model in its ``model`` field."""
+    sections = [recipe.embed]
+    if recipe.caption:
+        experts = recipe.caption.experts
+        sections += [recipe.caption, experts.tagger, experts.detector, experts.open_set, experts.ocr]
+    return sections
+
+
 def load_recipe(path: str | Path) -> Recipe:
     """Read and validate a recipe file; errors name the file and the field.
 
@@ -274,9 +428,10 @@ def load_recipe(path: str | Path) -> Recipe:
     data, raw = _read_yaml(path)
     base = path.resolve().parent
     recipe = parse(Recipe, data, source=path, base=base)
-    model = recipe.embed.model
-    if model and (model.startswith((".", "/", "~")) or (base / model).is_dir()):  # a local folder
-        recipe.embed.model = str((base / Path(model).expanduser()).resolve())
+    for section in model_sections(recipe):
+        model = section.model
+        if model and (model.startswith((".", "/", "~")) or (base / model).is_dir()):  # a local folder
+            section.model = str((base / Path(model).expanduser()).resolve())
     recipe.path = path.resolve()
     recipe.sha256 = hashlib.sha256(raw).hexdigest()
     return recipe

@@ -203,7 +203,11 @@ def describe_fields(cls: Any, prefix: str = "") -> list[tuple[str, str, str]]:
             continue
         path = f"{prefix}{f.name}"
         tp = hints[f.name]
-        if dataclasses.is_dataclass(tp):
+        optional = [a for a in get_args(tp) if a is not _NONE] if get_origin(tp) is Union else []
+        if len(optional) == 1 and dataclasses.is_dataclass(optional[0]):  # an optional section
+            rows.append((path, "section or null", f.metadata.get("help", "")))
+            rows.extend(describe_fields(optional[0], path + "."))
+        elif dataclasses.is_dataclass(tp):
             rows.append((path, "section", f.metadata.get("help", "")))
             rows.extend(describe_fields(tp, path + "."))
         else:

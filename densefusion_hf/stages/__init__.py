@@ -1,5 +1,6 @@
 """The build's stages, by name, in build order (see recipe.STAGE_ORDER)."""
 
+from densefusion_hf.stages.caption import Caption
 from densefusion_hf.stages.dedup import Dedup
 from densefusion_hf.stages.embed import Embed
 from densefusion_hf.stages.fetch import Fetch
@@ -8,4 +9,5 @@ from densefusion_hf.stages.publish import Publish
 from densefusion_hf.stages.select import Select
 from densefusion_hf.stages.semdedup import SemDedup
 
-STAGES = {stage.name: stage for stage in (Ingest(), Fetch(), Dedup(), Embed(), SemDedup(), Select(), Publish())}
+STAGES = {stage.name: stage for stage in (Ingest(), Fetch(), Dedup(), Embed(), SemDedup(), Select(), Caption(),
+                                          Publish())}

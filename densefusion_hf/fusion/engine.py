@@ -1,0 +1,103 @@
+"""Caption engines: the image + its priors -> one dense caption.
+
+``MllmEngine`` is the paper's path: a multimodal LLM through ``pipeline("image-text-to-text")``, given
+chat messages (the image, then the Perceptual Fusion prompt), batched, with the recipe's generation
+settings, loaded once per run (bfloat16 on cuda).  ``TemplateEngine`` needs no model: it writes the
+priors out as a structured description (see ``fusion.describe``), recorded as ``caption_model: template``.
+An engine returns, per image, the caption or the exception that stopped it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from densefusion_hf.fusion.describe import TEMPLATE_VERSION, describe
+from densefusion_hf.fusion.experts import failure_reason
+from densefusion_hf.fusion.priors import Priors
+
+
+def chat_messages(image, prompt: str) -> list[dict]:
+    """One user turn holding the image and the prompt, the chat shape every image-text-to-text model takes."""
+    return [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": prompt}]}]
+
+
+def generated_texts(outputs) -> list[str]:
+    """The new text of each input from an image-text-to-text pipeline's output (one list per input)."""
+    texts = []
+    for output in outputs:
+        first = output[0] if isinstance(output, list) else output
+        text = first["generated_text"]
+        if not isinstance(text, str):  # a chat comes back as messages; the reply is the last one
+            text = text[-1]["content"]
+        texts.append(text)
+    return texts
+
+
+class CaptionFailed(Exception):
+    """The engine produced no caption for an image; the message says why."""
+
+
+class TemplateEngine:
+    name = "template"
+    prompt_version = TEMPLATE_VERSION
+
+    def __init__(self, boxes_settings):
+        self.small_area, self.large_area = boxes_settings.small_area, boxes_settings.large_area
+
+    def caption(self, images: list, priors: list[Priors], prompts: list[str]) -> list[str | Exception]:
+        return [describe(p, self.small_area, self.large_area) for p in priors]
+
+
+class MllmEngine:
+    """A multimodal LLM through the image-text-to-text pipeline."""
+
+    def __init__(self, caption, workdir: Path, prompt_version: str):
+        from densefusion_hf.models import load_pipeline
+
+        self.settings = caption
+        self.name = caption.model
+        self.prompt_version = prompt_version
+        self.pipe = load_pipeline("image-text-to-text", caption.model, workdir, caption.device, caption.dtype,
+                                  half="bfloat16", what="caption.model")
+        tokenizer = getattr(self.pipe.processor, "tokenizer", None)
+        if tokenizer is not None:
+            tokenizer.padding_side = "left"  # decoder-only models generate after the prompt, so pad before it
+
+    def generate_kwargs(self) -> dict:
+        settings = self.settings.generation
+        kwargs = {"max_new_tokens": settings.max_new_tokens, "do_sample": settings.do_sample,
+                  "repetition_penalty": settings.repetition_penalty}
+        if settings.do_sample:
+            kwargs.update(temperature=settings.temperature, top_p=settings.top_p)
+        return kwargs
+
+    def _generate(self, images: list, prompts: list[str]) -> list[str]:
+        from transformers import set_seed
+
+        if self.settings.generation.do_sample:
+            set_seed(self.settings.generation.seed)
+        outputs = self.pipe(text=[chat_messages(image, prompt) for image, prompt in zip(images, prompts)],
+                            batch_size=self.settings.batch_size, return_full_text=False,
+                            generate_kwargs=self.generate_kwargs())
+        return [text.strip() for text in generated_texts(outputs)]
+
+    def caption(self, images: list, priors: list[Priors], prompts: list[str]) -> list[str | Exception]:
+        """Captions for a batch; if the batch fails, image by image, so one bad image costs one caption."""
+        try:
+            return self._generate(images, prompts)
+        except Exception as exc:  # noqa: BLE001 - retried one by one below, each failure recorded
+            if len(images) == 1:
+                return [CaptionFailed(failure_reason(exc))]
+        results: list[str | Exception] = []
+        for image, prompt in zip(images, prompts):
+            try:
+                results.extend(self._generate([image], [prompt]))
+            except Exception as exc:  # noqa: BLE001
+                results.append(CaptionFailed(failure_reason(exc)))
+        return results
+
+
+def load_engine(caption, workdir: Path, prompt_version: str):
+    if caption.engine == "template":
+        return TemplateEngine(caption.experts.boxes)
+    return MllmEngine(caption, workdir, prompt_version)

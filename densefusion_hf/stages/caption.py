@@ -1,0 +1,227 @@
+"""caption: Perceptual Fusion.  The vision experts give each image its priors, the prompt template turns
+them into text, and the caption engine writes the caption from image + prompt.
+
+Columns added: ``caption``, ``priors`` (tags, boxes with label / score / expert, OCR lines, the cleaned
+alt text, and the experts that failed on the image), ``caption_model``, ``prompt_version``,
+``caption_words``.  Rows whose image cannot be decoded, or for which no caption came out, are dropped
+with the reason (``undecodable``, ``caption_failed``, ``empty_caption``).
+
+Captioning is the slowest stage, so each shard is done in chunks of ``caption.rows_per_chunk`` rows,
+each committed on its own under ``caption/chunks/<shard>/``: a crash loses at most one chunk.  When all
+chunks of a shard are done they are joined into the stage's shard and removed.
+
+``write_prompts`` is the dry run: the experts and the prompt for the first rows, written to a JSON
+Lines file without generating, for reading the prompts before spending GPU hours.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import shutil
+import time
+from collections import Counter
+from dataclasses import asdict
+from pathlib import Path
+
+import pyarrow as pa
+
+from densefusion_hf.fusion.boxes import postprocess
+from densefusion_hf.fusion.engine import load_engine
+from densefusion_hf.fusion.experts import apply, load_experts, read_vocabulary
+from densefusion_hf.fusion.priors import PRIORS_TYPE, Priors, clean_alt_text
+from densefusion_hf.fusion.prompt import PromptTemplate
+from densefusion_hf.images import load_rgb
+from densefusion_hf.models import resolved_dtype_name
+from densefusion_hf.recipe import Recipe
+from densefusion_hf.shards import StageDir, atomic_write_bytes, shard_name
+from densefusion_hf.stages.base import BuildContext, ShardStage, with_images
+
+CAPTION_FIELDS = [
+    pa.field("caption", pa.string()),
+    pa.field("priors", PRIORS_TYPE),
+    pa.field("caption_model", pa.string()),
+    pa.field("prompt_version", pa.string()),
+    pa.field("caption_words", pa.int32()),
+]
+
+
+def caption_words(text: str) -> int:
+    return len(text.split())
+
+
+def _expert_params(caption) -> dict:
+    """The expert settings that decide the priors (not batch sizes or devices), with resolved dtypes."""
+    experts = caption.experts
+    params = {"boxes": asdict(experts.boxes), "alt_text": asdict(experts.alt_text)}
+    for name in ("tagger", "detector", "open_set"):
+        section = getattr(experts, name)
+        if section.model:
+            chosen = {k: v for k, v in asdict(section).items() if k not in ("batch_size", "device", "dtype")}
+            chosen["dtype"] = resolved_dtype_name(section.dtype, section.device)
+            params[name] = chosen
+    if experts.tagger.model:
+        vocabulary = read_vocabulary(experts.tagger.vocabulary)
+        params["tagger"]["vocabulary"] = hashlib.sha256("\n".join(vocabulary).encode()).hexdigest()
+    if experts.ocr.engine:
+        params["ocr"] = {k: v for k, v in asdict(experts.ocr).items() if k != "device"}
+    return params
+
+
+class Captioner:
+    """Experts + prompt + engine, loaded once; ``caption_rows`` captions a table of rows with images."""
+
+    def __init__(self, recipe: Recipe, workdir: Path, generate: bool = True):
+        self.settings = recipe.caption
+        self.template = PromptTemplate.load(self.settings.prompt_template)
+        self.experts = load_experts(self.settings, workdir)
+        self.engine = load_engine(self.settings, workdir, self.template.prompt_version) if generate else None
+
+    def priors_for(self, rows: pa.Table) -> tuple[list, list[Priors], list[bool], list[dict], dict]:
+        """(decoded images, their priors, which rows decoded, drops, seconds per step) for rows that carry
+        ``image``."""
+        seconds: Counter = Counter()
+        started = time.perf_counter()
+        images, priors, drops, keep = [], [], [], []
+        alt = self.settings.experts.alt_text
+        for key, url, text, blob in zip(*(rows.column(c).to_pylist() for c in ("key", "url", "text", "image"))):
+            try:
+                images.append(load_rgb(blob))
+            except Exception as exc:  # whatever the decoder raises, the row is recorded, not fatal
+                keep.append(False)
+                drops.append({"key": key, "url": url, "reason": "undecodable",
+                              "detail": f"{type(exc).__name__}: {exc}"})
+                continue
+            keep.append(True)
+            priors.append(Priors(alt_text=clean_alt_text(text, alt.max_chars) if alt.enabled else ""))
+        seconds["decode"] += time.perf_counter() - started
+        for expert in self.experts:
+            started = time.perf_counter()
+            apply(expert, images, priors)
+            seconds[expert.name] += time.perf_counter() - started
+        started = time.perf_counter()
+        for prior in priors:
+            prior.boxes = postprocess(prior.boxes, self.settings.experts.boxes)
+        seconds["boxes"] += time.perf_counter() - started
+        return images, priors, keep, drops, dict(seconds)
+
+    def prompts_for(self, priors: list[Priors]) -> list[str]:
+        return [self.template.render(p) for p in priors]
+
+    def caption_rows(self, rows: pa.Table) -> tuple[pa.Table, list[dict], dict]:
+        """(captioned rows without image bytes, drops, seconds per step)."""
+        images, priors, decoded, drops, seconds = self.priors_for(rows)
+        rows = rows.filter(pa.array(decoded, pa.bool_())) if drops else rows
+        started = time.perf_counter()
+        prompts = self.prompts_for(priors)
+        seconds["prompt"] = time.perf_counter() - started
+        started = time.perf_counter()
+        captions = self.engine.caption(images, priors, prompts) if images else []
+        seconds["generate"] = time.perf_counter() - started
+
+        kept = []
+        for i, (key, url, caption) in enumerate(zip(rows.column("key").to_pylist(), rows.column("url").to_pylist(),
+                                                    captions)):
+            if isinstance(caption, Exception):
+                drops.append({"key": key, "url": url, "reason": "caption_failed", "detail": str(caption)})
+            elif not caption.strip():
+                drops.append({"key": key, "url": url, "reason": "empty_caption",
+                              "detail": f"{self.engine.name} generated no text"})
+            else:
+                kept.append(i)
+        rows = rows.drop_columns(["image"]).take(pa.array(kept, pa.int64()))
+        texts = [captions[i] for i in kept]
+        added = {
+            "caption": pa.array(texts, pa.string()),
+            "priors": pa.array([priors[i].to_row() for i in kept], PRIORS_TYPE),
+            "caption_model": pa.array([self.engine.name] * len(kept), pa.string()),
+            "prompt_version": pa.array([self.engine.prompt_version] * len(kept), pa.string()),
+            "caption_words": pa.array([caption_words(t) for t in texts], pa.int32()),
+        }
+        for field in CAPTION_FIELDS:
+            rows = rows.append_column(field, added[field.name])
+        return rows, drops, seconds
+
+
+class Caption(ShardStage):
+    name = "caption"
+
+    def params(self, recipe: Recipe) -> dict:
+        caption = recipe.caption
+        template = PromptTemplate.load(caption.prompt_template)
+        params = {"engine": caption.engine, "prompt_version": template.prompt_version,
+                  "prompt_sha256": template.sha256, "experts": _expert_params(caption)}
+        if caption.engine == "transformers":
+            params.update(model=caption.model, generation=asdict(caption.generation),
+                          dtype=resolved_dtype_name(caption.dtype, caption.device, half="bfloat16"))
+        return params
+
+    @contextlib.contextmanager
+    def session(self, ctx: BuildContext):
+        self.captioner = Captioner(ctx.recipe, ctx.workdir)
+        try:
+            yield
+        finally:
+            del self.captioner
+
+    def chunk_dir(self, ctx: BuildContext, shard: str) -> StageDir:
+        return StageDir(ctx.workdir, f"{self.name}/chunks/{shard}")
+
+    def run_shard(self, ctx: BuildContext, shard: str, source: StageDir, out: StageDir) -> dict:
+        started = time.monotonic()
+        rows = source.read(shard)
+        chunks = self.chunk_dir(ctx, shard)
+        chunks.prepare()
+        size = ctx.recipe.caption.rows_per_chunk
+        names = [shard_name(i) for i in range(max(1, -(-rows.num_rows // size)))]
+        if not all(chunks.is_done(name) for name in names):
+            rows = with_images(ctx, rows, shard)  # the bytes of the whole shard, joined once
+        for index, name in enumerate(names):
+            if chunks.is_done(name):
+                continue
+            part = rows.slice(index * size, size)
+            chunk_started = time.monotonic()
+            captioned, drops, seconds = self.captioner.caption_rows(part)
+            with chunks.writer(name, captioned.schema) as writer:
+                writer.write(captioned)
+            chunks.finish(name, drops, {"rows_in": part.num_rows, "rows_out": captioned.num_rows,
+                                        "seconds_by_step": {k: round(v, 4) for k, v in seconds.items()},
+                                        "seconds": round(time.monotonic() - chunk_started, 3)})
+        tables = [chunks.read(name) for name in names]
+        joined = pa.concat_tables(tables) if tables else None
+        stats = chunks.all_stats()
+        steps: Counter = Counter()
+        for chunk_stats in stats:
+            steps.update(chunk_stats.get("seconds_by_step", {}))
+        with out.writer(shard, joined.schema) as writer:
+            writer.write(joined)
+        result = out.finish(shard, chunks.read_dropped().to_pylist(), {
+            "rows_in": sum(s["rows_in"] for s in stats), "rows_out": joined.num_rows,
+            "caption_words": int(sum(joined.column("caption_words").to_pylist())),
+            "seconds_by_step": {k: round(v, 3) for k, v in steps.items()},
+            "seconds": round(time.monotonic() - started, 3)})
+        shutil.rmtree(chunks.path, ignore_errors=True)
+        return result
+
+
+def write_prompts(recipe: Recipe, workdir: Path, upstream: str, output: Path, limit: int) -> int:
+    """The dry run: priors and prompts of the first ``limit`` rows upstream, one JSON object per line."""
+    source = StageDir(workdir, upstream)
+    captioner = Captioner(recipe, workdir, generate=False)
+    ctx = BuildContext(recipe=recipe, workdir=workdir, show_progress=False)
+    lines = []
+    for shard in source.done_shards():
+        if len(lines) >= limit:
+            break
+        rows = with_images(ctx, source.read(shard).slice(0, limit - len(lines)), shard)
+        images, priors, decoded, drops, _ = captioner.priors_for(rows)
+        kept = [r for r, ok in zip(rows.drop_columns(["image"]).to_pylist(), decoded) if ok]
+        for row, prior, prompt in zip(kept, priors, captioner.prompts_for(priors)):
+            lines.append({"key": row["key"], "url": row["url"], "prompt_version": captioner.template.prompt_version,
+                          "prompt": prompt, "priors": prior.to_row()})
+        lines.extend({"key": d["key"], "url": d["url"], "dropped": d["reason"], "detail": d["detail"]}
+                     for d in drops)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(output, "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines).encode())
+    return len(lines)
