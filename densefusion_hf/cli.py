@@ -62,6 +62,39 @@ def build(recipe: Path, workdir: Path | None, only: str | None, fresh: bool, pro
 
 
 @cli.command()
+@click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Work directory of the build [default: ./work/<recipe name>].")
+@click.option("--dry-run", is_flag=True,
+              help="Run the experts and write the prompts of the first rows, without generating captions.")
+@click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True,
+              help="Rows in a dry run.")
+@click.option("--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Where a dry run writes its JSON Lines [default: WORKDIR/caption-dry-run/prompts.jsonl].")
+@click.option("--progress/--no-progress", default=True, show_default=True, help="Show progress bars.")
+def caption(recipe: Path, workdir: Path | None, dry_run: bool, limit: int, output: Path | None, progress: bool):
+    """Caption the selected rows of RECIPE's build (the caption stage alone).
+
+    The stages before caption must be complete in the work directory. With --dry-run, the vision
+    experts run on the first --limit rows and their priors and prompts are written as JSON Lines,
+    one object per row, so the prompts can be read before any caption is generated; nothing in the
+    build changes.
+    """
+    from densefusion_hf.pipeline import build as run_build, caption_dry_run, default_workdir
+    from densefusion_hf.recipe import load_recipe
+
+    loaded = load_recipe(recipe)
+    workdir = workdir or default_workdir(loaded)
+    if dry_run:
+        output = output or workdir / "caption-dry-run" / "prompts.jsonl"
+        count = caption_dry_run(loaded, workdir, output, limit)
+        click.echo(f"Wrote the priors and prompts of {count} rows to {output} (nothing was generated).")
+        return
+    run_build(loaded, workdir, only="caption", show_progress=progress)
+    click.echo(f"Captioned {loaded.name} in {workdir}. Per-stage counts: df-hf status {workdir}")
+
+
+@cli.command()
 @click.argument("workdir", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the status as JSON instead of a table.")
 def status(workdir: Path, as_json: bool):

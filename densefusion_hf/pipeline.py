@@ -96,3 +96,18 @@ def build(recipe: Recipe, workdir: Path, only: str | None = None, fresh: bool = 
                 results[stage.name] = summary
             upstream = stage.name
     return results
+
+
+def caption_dry_run(recipe: Recipe, workdir: Path, output: Path, limit: int) -> int:
+    """Priors and prompts of the first ``limit`` rows the caption stage would read; nothing else changes."""
+    from densefusion_hf.stages.caption import write_prompts
+
+    if recipe.caption is None or "caption" not in recipe.stages:
+        raise UserError(f"{recipe.path}: this recipe has no caption stage; add a caption section.")
+    upstream = recipe.stages[recipe.stages.index("caption") - 1]
+    workdir = Path(workdir)
+    if not (Manifest(workdir).stage(upstream) or {}).get("complete"):
+        raise UserError(f"The caption stage reads the output of '{upstream}', which is not complete in {workdir}. "
+                        f"Build up to it first: `df-hf build {recipe.path} --workdir {workdir} "
+                        f"--only {','.join(recipe.stages[:recipe.stages.index('caption')])}`.")
+    return write_prompts(recipe, workdir, upstream, Path(output), limit)

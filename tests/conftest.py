@@ -44,6 +44,10 @@ def photo_files() -> dict[str, bytes]:
     good["dup/astronaut-small.jpg"] = jpeg_bytes(np.asarray(astronaut.resize((256, 256))), quality=60)
     good["dup/coffee-crop.jpg"] = jpeg_bytes(coffee[h // 50: h - h // 50, w // 50: w - w // 50], quality=80)
     good["other/astronaut-mirror.jpg"] = jpeg_bytes(np.asarray(astronaut)[:, ::-1])  # not a duplicate
+    from densefusion_hf.sample.make import render_sign
+
+    good["text/grand-opening.jpg"] = jpeg_bytes(np.asarray(render_sign(["GRAND OPENING", "SALE"], (200, 30, 40),
+                                                                         (255, 255, 255))), quality=92)
     rocket = good["img/rocket.jpg"]
     broken = {
         "bad/empty.jpg": b"",
@@ -72,6 +76,15 @@ def write_metadata(path: Path, rows: list[dict]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.Table.from_pylist(full), path)
     return path
+
+
+def load_published(folder: Path):
+    """``datasets.load_dataset`` of a published folder, never from the cache: datasets keys its cache of a
+    local folder on the card and the file names, so a rebuild of the same size in the same place would
+    read the earlier build."""
+    import datasets
+
+    return datasets.load_dataset(str(folder), split="train", download_mode="force_redownload")
 
 
 def write_recipe(path: Path, recipe: dict) -> Path:

@@ -86,7 +86,7 @@ def _png(image: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def _sign(lines: list[str], background, foreground, size=(800, 450)) -> Image.Image:
+def render_sign(lines: list[str], background, foreground, size=(800, 450)) -> Image.Image:
     image = Image.new("RGB", size, background)
     draw = ImageDraw.Draw(image)
     font = ImageFont.load_default(size=72)
@@ -113,7 +113,7 @@ def _files_and_rows() -> tuple[dict[str, bytes], list[_Row]]:
     rows.append(_Row("photos/scikit-image-logo.png", "scikit-image logo, image processing in Python"))
     for stem, (lines, bg, fg, text) in _SIGNS.items():
         path = f"signs/{stem}.jpg"
-        files[path] = _jpeg(_sign(lines, bg, fg), quality=92)
+        files[path] = _jpeg(render_sign(lines, bg, fg), quality=92)
         rows.append(_Row(path, text, similarity=0.34, pwatermark=0.1))
 
     # Near duplicates for the dedup stage, and one look-alike that is not a duplicate.
