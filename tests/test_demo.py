@@ -69,7 +69,8 @@ def test_demo_shows_every_kind_of_drop(demo_build):
             ("fetch", "failed_to_resize"), ("dedup", "exact_dup"), ("dedup", "near_dup"),
             ("select", "too_small"), ("select", "target_size")} <= reasons
     stages = report["stages"]
-    assert [s["name"] for s in stages] == ["ingest", "fetch", "dedup", "embed", "semdedup", "select", "publish"]
+    assert [s["name"] for s in stages] == ["ingest", "fetch", "dedup", "embed", "semdedup", "select", "caption",
+                                             "publish"]
     # Every source row ends up kept or recorded as dropped, and each stage reads what the one before kept.
     for before, after in zip(stages, stages[1:]):
         assert before["rows_out"] == after["rows_in"], (before, after)
@@ -130,3 +131,12 @@ def test_published_signs_keep_their_rendered_text(demo_build):
             background = np.median(grey)
             # Letters: a few percent of the pixels, far from the plain background colour.
             assert 0.01 < (np.abs(grey - background) > 60).mean() < 0.5
+
+
+def test_demo_captions_are_the_template_engine_over_real_ocr(demo_build):
+    rows = {r["url"].rsplit("/", 1)[1]: r for r in _dataset_rows(demo_build)}
+    assert all(r["caption_model"] == "template" and r["caption"] for r in rows.values())
+    sign = rows["grand-opening.jpg"]
+    assert [line["text"] for line in sign["priors"]["ocr"]] == ["GRAND OPENING", "SALE"]
+    assert "\u201cGRAND OPENING\u201d; \u201cSALE\u201d" in sign["caption"]
+    assert "Grand opening sale banner in front of a new shop" in sign["caption"]  # the alt text, marked unverified

@@ -24,7 +24,7 @@ def error_of(tmp_path: Path, recipe: dict) -> str:
 def test_minimal_recipe_gets_defaults_and_resolves_paths_against_its_folder(tmp_path):
     recipe = load(tmp_path, MINIMAL)
     assert recipe.source.metadata == [tmp_path / "builders" / "meta" / "*.parquet"]
-    assert recipe.stages == [s for s in STAGE_ORDER if s not in ("embed", "semdedup")]
+    assert recipe.stages == [s for s in STAGE_ORDER if s not in ("embed", "semdedup", "caption")]
     assert recipe.source.columns.url == "URL" and recipe.fetch.resize.max_side is None
     assert recipe.filters.min_short_side is None
     assert len(recipe.sha256) == 64
@@ -90,7 +90,7 @@ def test_filter_without_its_column_is_an_error(tmp_path):
 
 
 def test_stages_must_be_known_and_in_order(tmp_path):
-    assert "one of 'ingest'" in error_of(tmp_path, {**MINIMAL, "stages": ["ingest", "caption"]})
+    assert "one of 'ingest'" in error_of(tmp_path, {**MINIMAL, "stages": ["ingest", "captions"]})
     assert "build order" in error_of(tmp_path, {**MINIMAL, "stages": ["fetch", "ingest"]})
     assert "starts with ingest, then fetch" in error_of(tmp_path, {**MINIMAL, "stages": ["ingest", "publish"]})
 
