@@ -41,8 +41,9 @@ def build(recipe: Path, workdir: Path | None, only: str | None, fresh: bool, pro
 
     Stages run in the recipe's order: ingest (metadata, keys, metadata filters), fetch (img2dataset
     download and decode check), dedup (sha256 and pHash), embed (CLIP/SigLIP, clip-retrieval layout),
-    semdedup (SemDeDup), select (size, categories, top N per cluster, quotas, subset), publish (Parquet +
-    dataset card in WORKDIR/dataset). A build that is interrupted or crashes resumes where it stopped
+    semdedup (SemDeDup), select (size, categories, top N per cluster, quotas, subset), caption
+    (Perceptual Fusion: vision experts, priors, prompt, multimodal LLM), publish (Parquet + dataset card
+    in WORKDIR/dataset). A build that is interrupted or crashes resumes where it stopped
     when run again; a recipe change that would make finished outputs wrong is refused until you pass
     --fresh.
     """

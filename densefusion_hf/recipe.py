@@ -206,7 +206,8 @@ class OpenSetDetector:
     model: Optional[str] = option(None, help="OWLv2 / OWL-ViT model (Hub id or local folder); null disables it")
     threshold: float = option(0.2, ge=0, le=1, help="keep boxes whose confidence reaches this")
     max_queries: int = option(16, ge=1, help="query with at most this many tags (the best ones)")
-    batch_size: int = option(4, ge=1, help="images per forward pass (does not change the output)")
+    batch_size: int = option(4, ge=1, help="(image, tag) pairs per forward pass: the pipeline runs one pass "
+                                            "per tag (does not change the output)")
     device: Device = option("auto", help="auto: cuda when present, else cpu")
     dtype: Dtype = option("auto", help="auto: float16 on cuda, float32 on cpu")
 

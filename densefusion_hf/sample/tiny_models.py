@@ -197,7 +197,7 @@ def build_tiny_llava(folder: Path, seed: int = 0) -> Path:
         from transformers import (CLIPImageProcessor, CLIPVisionConfig, GenerationConfig, LlamaConfig, LlavaConfig,
                                   LlavaForConditionalGeneration, LlavaProcessor)
 
-        tokenizer = build_tokenizer(staging, extra_tokens=["<image>"], add_eos=False, model_max_length=256,
+        tokenizer = build_tokenizer(staging, extra_tokens=["<image>"], add_eos=False, model_max_length=4096,
                                     padding_side="left")
         special = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                        pad_token_id=tokenizer.pad_token_id)
