@@ -35,6 +35,12 @@ FIELD_MEANINGS = {
     "category": "best-matching category from the recipe's prompts ('other' below the threshold)",
     "category_score": "cosine similarity to that category's prompts",
     "cluster_rank": "rank of the image inside its cluster (0 = best)",
+    "caption": "the dense caption (Perceptual Fusion); with caption_model 'template', the priors written out",
+    "priors": "what the vision experts found: tags with scores, boxes (label, score, expert, x1 y1 x2 y2 in 0-1), "
+              "OCR lines with scores, the cleaned alt text, and the experts that failed on the image",
+    "caption_model": "the model that wrote the caption ('template': no model, the priors as text)",
+    "prompt_version": "version of the prompt (or of the template engine's format) the caption came from",
+    "caption_words": "words in the caption",
 }
 
 _SIZE_CATEGORIES = [(1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"),

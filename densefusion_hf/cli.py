@@ -88,9 +88,14 @@ def caption(recipe: Path, workdir: Path | None, dry_run: bool, limit: int, outpu
     workdir = workdir or default_workdir(loaded)
     if dry_run:
         output = output or workdir / "caption-dry-run" / "prompts.jsonl"
-        count = caption_dry_run(loaded, workdir, output, limit)
-        click.echo(f"Wrote the priors and prompts of {count} rows to {output} (nothing was generated).")
+        count, dropped = caption_dry_run(loaded, workdir, output, limit)
+        undecodable = f"; {dropped} rows whose image does not decode are listed with the reason" if dropped else ""
+        click.echo(f"Wrote the priors and prompts of {count} rows to {output}{undecodable} (nothing was "
+                   f"generated).")
         return
+    if "caption" not in loaded.stages:
+        raise UserError(f"{recipe}: this recipe has no caption stage; add a caption section (see "
+                        f"`df-hf recipe fields`).")
     run_build(loaded, workdir, only="caption", show_progress=progress)
     click.echo(f"Captioned {loaded.name} in {workdir}. Per-stage counts: df-hf status {workdir}")
 

@@ -98,7 +98,7 @@ def build(recipe: Recipe, workdir: Path, only: str | None = None, fresh: bool = 
     return results
 
 
-def caption_dry_run(recipe: Recipe, workdir: Path, output: Path, limit: int) -> int:
+def caption_dry_run(recipe: Recipe, workdir: Path, output: Path, limit: int) -> tuple[int, int]:
     """Priors and prompts of the first ``limit`` rows the caption stage would read; nothing else changes."""
     from densefusion_hf.stages.caption import write_prompts
 

@@ -221,9 +221,12 @@ class Ocr:
     model: Optional[str] = option(None, help="the transformers OCR model (engine: transformers only)")
     prompt: str = option("Read all the text in the image, one line per line of text.",
                          help="instruction given to a transformers OCR model")
-    min_score: float = option(0.8, ge=0, le=1, help="keep lines whose recognition score reaches this")
+    min_score: float = option(0.8, ge=0, le=1, help="rapidocr: keep lines whose recognition score reaches this")
     max_lines: int = option(20, ge=1, help="keep at most this many lines, in reading order")
-    device: Device = option("auto", help="transformers OCR only: auto uses cuda when present")
+    max_new_tokens: int = option(256, ge=1, help="transformers OCR: longest text read, in tokens")
+    batch_size: int = option(4, ge=1, help="transformers OCR: images per generation batch")
+    device: Device = option("auto", help="transformers OCR: auto uses cuda when present")
+    dtype: Dtype = option("auto", help="transformers OCR: auto is bfloat16 on cuda, float32 on cpu")
 
     def __post_init__(self):
         if (self.engine == "transformers") != bool(self.model):
@@ -245,6 +248,8 @@ class Boxes:
 
     merge_iou: float = option(0.7, ge=0, le=1, help="boxes of the same label from the two detectors with at "
                                                      "least this IoU are one object (the surer one is kept)")
+    merge_any_label_iou: float = option(0.9, ge=0, le=1, help="boxes of the two detectors with at least this IoU "
+                                                               "are one object whatever their labels")
     max_boxes: int = option(20, ge=0, help="at most this many boxes per image")
     max_per_label: int = option(5, ge=1, help="at most this many boxes with the same label")
     small_area: float = option(0.02, gt=0, le=1, help="a box covering less than this share of the image is small")
@@ -326,7 +331,8 @@ class Recipe:
     description: str = option("", help="one paragraph for the dataset card")
     license: str = option("other", help="license identifier for the dataset card")
     stages: Optional[list[Literal[STAGE_ORDER]]] = option(  # type: ignore[valid-type]
-        None, help="stages to run, in build order (default: all; embed and semdedup only with embed.model)")
+        None, help="stages to run, in build order (default: all; embed and semdedup only with embed.model, "
+                   "caption only with a caption section)")
     filters: MetadataFilters = option(factory=MetadataFilters, help="metadata filters")
     fetch: Fetch = option(factory=Fetch, help="download settings")
     dedup: Dedup = option(factory=Dedup, help="exact and perceptual deduplication")

@@ -109,7 +109,24 @@ def test_broken_image_is_dropped_with_its_reason_and_the_rest_captioned(tmp_path
     assert captioned.column("key").to_pylist() == ["a"] and "image" not in captioned.column_names
     assert [(d["key"], d["reason"]) for d in drops] == [("b", "undecodable")]
     assert "OSError" in drops[0]["detail"] or "truncated" in drops[0]["detail"].lower()
-    assert seconds["ocr"] > 0
+    assert "\u201cGRAND OPENING\u201d" in captioned.column("caption")[0].as_py()
+
+
+def test_an_image_without_text_has_no_ocr_lines(tmp_path):
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    recipe = load_recipe(write_caption_recipe(tmp_path, "http://127.0.0.1:9", TEMPLATE))
+    captioner = Captioner(recipe, tmp_path / "work", generate=False)
+    gradient = np.tile(np.linspace(40, 220, 640, dtype=np.uint8), (360, 1))
+    buf = io.BytesIO()
+    Image.fromarray(np.stack([gradient, gradient[::-1], gradient], axis=-1)).save(buf, format="JPEG")
+    rows = pa.table({"key": ["k"], "url": ["u"], "text": [None], "image": [buf.getvalue()]})
+    _, priors, decoded, drops, _ = captioner.priors_for(rows)
+    assert decoded == [True] and priors[0].ocr == [] and priors[0].failures == []
+    assert priors[0].alt_text == ""
 
 
 def test_killed_caption_resumes_from_its_last_chunk(tmp_path, image_server):
@@ -129,6 +146,14 @@ def test_killed_caption_resumes_from_its_last_chunk(tmp_path, image_server):
     saved = StageDir(workdir, "caption/chunks/00000").read("00000").to_pylist()
     assert len(saved) == 1
 
+    # Saved chunks made with other settings are refused, as finished shards are.
+    changed = dict(TEMPLATE, experts={"ocr": {"engine": "rapidocr", "min_score": 0.9}})
+    write_caption_recipe(tmp_path, image_server, changed, publish={"rows_per_file": 10})
+    refused = run_cli("build", str(path), "--workdir", str(workdir), "--no-progress")
+    assert refused.returncode == 1 and "min_score" in refused.stderr and "--fresh" in refused.stderr
+
+    # rows_per_chunk only changes how often work is saved: the resume keeps the saved chunk's layout.
+    write_caption_recipe(tmp_path, image_server, dict(TEMPLATE, rows_per_chunk=2), publish={"rows_per_file": 10})
     result = run_cli("build", str(path), "--workdir", str(workdir), "--no-progress")
     assert result.returncode == 0, result.stderr
     rows = captioned_rows(workdir)

@@ -75,7 +75,7 @@ def test_caption_stage_runs_every_expert_and_the_mllm(tmp_path, image_server, ti
     for row in rows.values():
         priors = row["priors"]
         assert row["caption"].strip() and row["caption_words"] == len(row["caption"].split())
-        assert row["caption_model"] == tiny_models["llava"]
+        assert row["caption_model"] == "llava"  # a local folder is named by its name, not the builder's path
         assert row["prompt_version"] == "perceptual-fusion-v1"
         assert 1 <= len(priors["tags"]) <= 3 and {t["label"] for t in priors["tags"]} <= tags
         assert priors["failures"] == []
@@ -121,3 +121,17 @@ def test_an_expert_failing_on_an_image_is_recorded_and_captioning_goes_on(tmp_pa
         (failure,) = priors["failures"]
         assert failure["expert"] == "open_set" and failure["reason"]
         assert {b["expert"] for b in priors["boxes"]} == {"detector"}  # the other detector's boxes are kept
+
+
+def test_a_transformers_ocr_model_reads_through_image_text_to_text(tmp_path, tiny_models, vocabulary, photo_files):
+    caption = full_caption(tiny_models, vocabulary, ocr={"engine": "transformers", "model": tiny_models["llava"],
+                                                        "max_new_tokens": 6, "batch_size": 2})
+    recipe = load_recipe(write_caption_recipe(tmp_path, "http://127.0.0.1:9", caption))
+    captioner = Captioner(recipe, tmp_path / "work", generate=False)
+    assert [e.name for e in captioner.experts] == ["tagger", "detector", "open_set", "ocr"]
+    rows = pa.table({"key": ["a", "b"], "url": ["u/a", "u/b"], "text": ["x", "y"],
+                     "image": [photo_files["text/grand-opening.jpg"], photo_files["img/coffee.jpg"]]})
+    _, priors, _, _, _ = captioner.priors_for(rows)
+    for prior in priors:
+        assert prior.failures == []
+        assert all(line.text.strip() == line.text and line.text and line.score is None for line in prior.ocr)

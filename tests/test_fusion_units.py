@@ -83,6 +83,12 @@ def test_merge_keeps_the_surer_box_of_one_object_seen_twice():
     d = Box("cat", 0.6, "open_set", (0.1, 0.1, 0.5, 0.5))         # another label, same place: kept
     assert iou(a.box, b.box) > 0.9
     assert merge_duplicates([b, c, a, d], merge_iou=0.7) == [a, c, d]
+    # The two detectors name one object differently; a near-identical box is still one object.
+    woman = Box("woman", 0.5, "open_set", (0.1, 0.1, 0.5, 0.51))
+    assert merge_duplicates([a, woman], merge_iou=0.7, any_label_iou=0.9) == [a]
+    assert merge_duplicates([a, woman], merge_iou=0.7) == [a, woman]
+    same_expert = Box("cat", 0.5, "detector", (0.1, 0.1, 0.5, 0.5))   # one detector's two labels: both kept
+    assert merge_duplicates([a, same_expert], merge_iou=0.7, any_label_iou=0.9) == [a, same_expert]
 
 
 def test_balanced_sample_keeps_small_objects_and_caps_labels():
@@ -113,7 +119,7 @@ def test_template_caption_says_what_was_found_and_where():
     assert "sign (large, top)" in text and "person (medium, bottom right)" in text and "cup (small, bottom left)" in text
     assert "\u201cGRAND OPENING\u201d; \u201cSALE 50% OFF\u201d" in text
     assert "unverified" in text and "Main St." in text
-    assert describe(Priors()) == "No tags, objects or text were found in this image, and it has no alt text."
+    assert describe(Priors()) == "No tags, objects or text were found in this image, and no alt text was given."
     two = Priors(boxes=[Box("cup", 0.9, "detector", (0.0, 0.0, 0.1, 0.1)),
                         Box("cup", 0.8, "detector", (0.8, 0.8, 0.9, 0.9))])
     assert "2 x cup (small, top left; small, bottom right)" in describe(two)

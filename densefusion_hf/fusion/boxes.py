@@ -1,8 +1,8 @@
 """Box post-processing: both detectors' boxes -> the few boxes a caption prompt can use.
 
 Coordinates are normalised to 0-1 (x1, y1, x2, y2) with three decimals, as the paper writes them.
-Duplicates between the two detectors (same label, IoU at or above ``merge_iou``) are one object; the
-surer box is kept.  Then a balanced sampling keeps small objects, which a plain top-k by confidence
+Duplicates (same label and IoU at or above ``merge_iou``, or boxes of the two detectors with any labels
+and IoU at or above ``merge_any_label_iou``) are one object; the surer box is kept.  Then a balanced sampling keeps small objects, which a plain top-k by confidence
 drops first because detectors are least sure of them (see ``balanced_sample`` for the rule).
 """
 
@@ -47,15 +47,20 @@ def _label_key(label: str) -> str:
     return " ".join(label.lower().split())
 
 
-def merge_duplicates(boxes: list[Box], merge_iou: float) -> list[Box]:
-    """Per label, the surest box first; a later box overlapping a kept one by ``merge_iou`` is the same
-    object seen again (by the other detector, or twice by one) and is dropped."""
+def merge_duplicates(boxes: list[Box], merge_iou: float, any_label_iou: float | None = None) -> list[Box]:
+    """Surest box first; a later box is the same object seen again, and dropped, when it overlaps a kept box
+    of the same label by ``merge_iou``, or a kept box of the other detector by ``any_label_iou`` whatever
+    the labels (the two detectors name things differently: 'person' and 'woman')."""
+    def same_object(kept: Box, candidate: Box) -> bool:
+        overlap = iou(kept.box, candidate.box)
+        if _label_key(kept.label) == _label_key(candidate.label):
+            return overlap >= merge_iou
+        return any_label_iou is not None and kept.expert != candidate.expert and overlap >= any_label_iou
+
     kept: list[Box] = []
     for candidate in sorted(boxes, key=lambda b: (-b.score, b.expert, b.box)):
-        key = _label_key(candidate.label)
-        if any(_label_key(k.label) == key and iou(k.box, candidate.box) >= merge_iou for k in kept):
-            continue
-        kept.append(candidate)
+        if not any(same_object(k, candidate) for k in kept):
+            kept.append(candidate)
     return kept
 
 
@@ -97,6 +102,6 @@ def balanced_sample(boxes: list[Box], max_boxes: int, max_per_label: int, small_
 
 def postprocess(boxes: list[Box], settings) -> list[Box]:
     """Merge duplicates, then sample, with a recipe's ``caption.experts.boxes`` settings."""
-    merged = merge_duplicates(boxes, settings.merge_iou)
+    merged = merge_duplicates(boxes, settings.merge_iou, settings.merge_any_label_iou)
     return balanced_sample(merged, settings.max_boxes, settings.max_per_label, settings.small_area,
                            settings.large_area)

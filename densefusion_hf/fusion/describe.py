@@ -55,5 +55,5 @@ def describe(priors: Priors, small_area: float = 0.02, large_area: float = 0.2) 
     if priors.alt_text:
         sentences.append("The web alt text, unverified, says: " + _quote(priors.alt_text) + ".")
     if not sentences:
-        sentences.append("No tags, objects or text were found in this image, and it has no alt text.")
+        sentences.append("No tags, objects or text were found in this image, and no alt text was given.")
     return " ".join(sentences)

@@ -48,50 +48,66 @@ class TemplateEngine:
         return [describe(p, self.small_area, self.large_area) for p in priors]
 
 
+class ChatGenerator:
+    """An image-text-to-text pipeline loaded once, turning (image, text) pairs into generated text."""
+
+    def __init__(self, model: str, workdir: Path, device: str, dtype: str, batch_size: int, generate_kwargs: dict,
+                 what: str, seed: int | None = None):
+        from densefusion_hf.models import load_pipeline
+
+        self.pipe = load_pipeline("image-text-to-text", model, workdir, device, dtype, half="bfloat16", what=what)
+        tokenizer = getattr(self.pipe.processor, "tokenizer", None)
+        if tokenizer is not None:
+            tokenizer.padding_side = "left"  # decoder-only models generate after the prompt, so pad before it
+        self.batch_size, self.generate_kwargs, self.seed = batch_size, generate_kwargs, seed
+
+    def generate(self, images: list, prompts: list[str]) -> list[str]:
+        if self.seed is not None:
+            from transformers import set_seed
+
+            set_seed(self.seed)
+        # Generation settings must go in generate_kwargs: loose keyword arguments go to the processor.
+        outputs = self.pipe(text=[chat_messages(image, prompt) for image, prompt in zip(images, prompts)],
+                            batch_size=self.batch_size, return_full_text=False,
+                            generate_kwargs=dict(self.generate_kwargs))
+        texts = [text.strip() for text in generated_texts(outputs)]
+        if len(texts) != len(images):
+            raise RuntimeError(f"the pipeline returned {len(texts)} texts for {len(images)} images")
+        return texts
+
+
+def model_name(model: str) -> str:
+    """How a model is named in the dataset: its Hub id, or a local folder's name (not the builder's path)."""
+    return Path(model).name if Path(model).is_absolute() else model
+
+
 class MllmEngine:
     """A multimodal LLM through the image-text-to-text pipeline."""
 
     def __init__(self, caption, workdir: Path, prompt_version: str):
-        from densefusion_hf.models import load_pipeline
-
-        self.settings = caption
-        self.name = caption.model
+        generation = caption.generation
+        kwargs = {"max_new_tokens": generation.max_new_tokens, "do_sample": generation.do_sample,
+                  "repetition_penalty": generation.repetition_penalty}
+        if generation.do_sample:
+            kwargs.update(temperature=generation.temperature, top_p=generation.top_p)
+        self.generator = ChatGenerator(caption.model, workdir, caption.device, caption.dtype, caption.batch_size,
+                                       kwargs, what="caption.model",
+                                       seed=generation.seed if generation.do_sample else None)
+        self.pipe = self.generator.pipe
+        self.name = model_name(caption.model)
         self.prompt_version = prompt_version
-        self.pipe = load_pipeline("image-text-to-text", caption.model, workdir, caption.device, caption.dtype,
-                                  half="bfloat16", what="caption.model")
-        tokenizer = getattr(self.pipe.processor, "tokenizer", None)
-        if tokenizer is not None:
-            tokenizer.padding_side = "left"  # decoder-only models generate after the prompt, so pad before it
-
-    def generate_kwargs(self) -> dict:
-        settings = self.settings.generation
-        kwargs = {"max_new_tokens": settings.max_new_tokens, "do_sample": settings.do_sample,
-                  "repetition_penalty": settings.repetition_penalty}
-        if settings.do_sample:
-            kwargs.update(temperature=settings.temperature, top_p=settings.top_p)
-        return kwargs
-
-    def _generate(self, images: list, prompts: list[str]) -> list[str]:
-        from transformers import set_seed
-
-        if self.settings.generation.do_sample:
-            set_seed(self.settings.generation.seed)
-        outputs = self.pipe(text=[chat_messages(image, prompt) for image, prompt in zip(images, prompts)],
-                            batch_size=self.settings.batch_size, return_full_text=False,
-                            generate_kwargs=self.generate_kwargs())
-        return [text.strip() for text in generated_texts(outputs)]
 
     def caption(self, images: list, priors: list[Priors], prompts: list[str]) -> list[str | Exception]:
         """Captions for a batch; if the batch fails, image by image, so one bad image costs one caption."""
         try:
-            return self._generate(images, prompts)
+            return self.generator.generate(images, prompts)
         except Exception as exc:  # noqa: BLE001 - retried one by one below, each failure recorded
             if len(images) == 1:
                 return [CaptionFailed(failure_reason(exc))]
         results: list[str | Exception] = []
         for image, prompt in zip(images, prompts):
             try:
-                results.extend(self._generate([image], [prompt]))
+                results.extend(self.generator.generate([image], [prompt]))
             except Exception as exc:  # noqa: BLE001
                 results.append(CaptionFailed(failure_reason(exc)))
         return results

@@ -134,8 +134,6 @@ class Detector(Expert):
 
     def run(self, images, priors):
         outputs = self.pipe(list(images), threshold=self.settings.threshold, batch_size=self.settings.batch_size)
-        if len(images) == 1 and outputs and isinstance(outputs[0], dict):
-            outputs = [outputs]  # one image in, its list of detections out
         found = [_detections_to_boxes(dets, image, self.name) for dets, image in zip(outputs, images)]
         for prior, boxes in zip(priors, found):
             prior.boxes = prior.boxes + boxes
@@ -202,7 +200,7 @@ class RapidOcr(Expert):
         logging.getLogger("RapidOCR").setLevel(logging.ERROR)
 
     def read(self, image) -> list[OcrLine]:
-        result = self.engine(np.asarray(image))
+        result = self.engine(image)  # as PIL: rapidocr takes an array as BGR, a PIL image as RGB
         if result.txts is None:
             return []
         lines = [(text.strip(), float(score), box) for text, score, box in
@@ -221,22 +219,17 @@ class TransformersOcr(Expert):
 
     name = "ocr"
 
-    def __init__(self, settings, workdir: Path, batch_size: int = 4):
-        from densefusion_hf.models import load_pipeline
+    def __init__(self, settings, workdir: Path):
+        from densefusion_hf.fusion.engine import ChatGenerator
 
         self.settings = settings
-        self.batch_size = batch_size
-        self.pipe = load_pipeline("image-text-to-text", settings.model, workdir, settings.device, "auto",
-                                  half="bfloat16", what="caption.experts.ocr model")
+        self.generator = ChatGenerator(settings.model, workdir, settings.device, settings.dtype, settings.batch_size,
+                                       {"max_new_tokens": settings.max_new_tokens, "do_sample": False},
+                                       what="caption.experts.ocr model")
 
     def run(self, images, priors):
-        from densefusion_hf.fusion.engine import chat_messages, generated_texts
-
-        outputs = self.pipe(text=[chat_messages(image, self.settings.prompt) for image in images],
-                            batch_size=self.batch_size, max_new_tokens=256, do_sample=False,
-                            return_full_text=False)
         found = []
-        for text in generated_texts(outputs):
+        for text in self.generator.generate(images, [self.settings.prompt] * len(images)):
             lines = [" ".join(line.split()) for line in text.splitlines()]
             found.append([OcrLine(line, None) for line in lines if line][: self.settings.max_lines])
         for prior, lines in zip(priors, found):
@@ -256,5 +249,5 @@ def load_experts(caption, workdir: Path) -> list[Expert]:
     if settings.ocr.engine == "rapidocr":
         experts.append(RapidOcr(settings.ocr))
     elif settings.ocr.engine == "transformers":
-        experts.append(TransformersOcr(settings.ocr, workdir, caption.batch_size))
+        experts.append(TransformersOcr(settings.ocr, workdir))
     return experts

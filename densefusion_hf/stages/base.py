@@ -99,6 +99,23 @@ def with_images(ctx: BuildContext, rows: pa.Table, shard: str) -> pa.Table:
     return rows.append_column("image", fetched.column("image").take(pa.array(order, pa.int64())))
 
 
+def decode_rows(rows: pa.Table) -> tuple[list, list[bool], list[dict]]:
+    """(RGB images of the rows that decode, which rows decoded, drop records of the others) for rows that
+    carry ``image``: what a stage that feeds pixels to a model does first."""
+    from densefusion_hf.images import load_rgb
+
+    images, decoded, drops = [], [], []
+    for key, url, blob in zip(rows.column("key").to_pylist(), rows.column("url").to_pylist(),
+                              rows.column("image").to_pylist()):
+        try:
+            images.append(load_rgb(blob))
+            decoded.append(True)
+        except Exception as exc:  # whatever the decoder raises, the row is recorded, not fatal
+            decoded.append(False)
+            drops.append({"key": key, "url": url, "reason": "undecodable", "detail": f"{type(exc).__name__}: {exc}"})
+    return images, decoded, drops
+
+
 def decision_table(keys: list[str], reasons: list, details: list, dup_of: list | None = None,
                    **columns: pa.Array) -> pa.Table:
     """A GlobalStage decision: per key, why it is dropped (None keeps it), and the columns to add."""

@@ -26,17 +26,19 @@ from dataclasses import asdict
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
+from densefusion_hf.errors import UserError
 from densefusion_hf.fusion.boxes import postprocess
+from densefusion_hf.fusion.describe import TEMPLATE_VERSION
 from densefusion_hf.fusion.engine import load_engine
 from densefusion_hf.fusion.experts import apply, load_experts, read_vocabulary
 from densefusion_hf.fusion.priors import PRIORS_TYPE, Priors, clean_alt_text
 from densefusion_hf.fusion.prompt import PromptTemplate
-from densefusion_hf.images import load_rgb
 from densefusion_hf.models import resolved_dtype_name
 from densefusion_hf.recipe import Recipe
-from densefusion_hf.shards import StageDir, atomic_write_bytes, shard_name
-from densefusion_hf.stages.base import BuildContext, ShardStage, with_images
+from densefusion_hf.shards import StageDir, atomic_write_bytes, atomic_write_json, shard_name
+from densefusion_hf.stages.base import BuildContext, ShardStage, decode_rows, with_images
 
 CAPTION_FIELDS = [
     pa.field("caption", pa.string()),
@@ -64,8 +66,13 @@ def _expert_params(caption) -> dict:
     if experts.tagger.model:
         vocabulary = read_vocabulary(experts.tagger.vocabulary)
         params["tagger"]["vocabulary"] = hashlib.sha256("\n".join(vocabulary).encode()).hexdigest()
-    if experts.ocr.engine:
-        params["ocr"] = {k: v for k, v in asdict(experts.ocr).items() if k != "device"}
+    ocr = experts.ocr
+    if ocr.engine == "rapidocr":
+        params["ocr"] = {"engine": ocr.engine, "min_score": ocr.min_score, "max_lines": ocr.max_lines}
+    elif ocr.engine == "transformers":
+        params["ocr"] = {"engine": ocr.engine, "model": ocr.model, "prompt": ocr.prompt, "max_lines": ocr.max_lines,
+                         "max_new_tokens": ocr.max_new_tokens,
+                         "dtype": resolved_dtype_name(ocr.dtype, ocr.device, half="bfloat16")}
     return params
 
 
@@ -83,18 +90,10 @@ class Captioner:
         ``image``."""
         seconds: Counter = Counter()
         started = time.perf_counter()
-        images, priors, drops, keep = [], [], [], []
+        images, keep, drops = decode_rows(rows)
         alt = self.settings.experts.alt_text
-        for key, url, text, blob in zip(*(rows.column(c).to_pylist() for c in ("key", "url", "text", "image"))):
-            try:
-                images.append(load_rgb(blob))
-            except Exception as exc:  # whatever the decoder raises, the row is recorded, not fatal
-                keep.append(False)
-                drops.append({"key": key, "url": url, "reason": "undecodable",
-                              "detail": f"{type(exc).__name__}: {exc}"})
-                continue
-            keep.append(True)
-            priors.append(Priors(alt_text=clean_alt_text(text, alt.max_chars) if alt.enabled else ""))
+        texts = [text for text, ok in zip(rows.column("text").to_pylist(), keep) if ok]
+        priors = [Priors(alt_text=clean_alt_text(text, alt.max_chars) if alt.enabled else "") for text in texts]
         seconds["decode"] += time.perf_counter() - started
         for expert in self.experts:
             started = time.perf_counter()
@@ -110,7 +109,8 @@ class Captioner:
         return [self.template.render(p) for p in priors]
 
     def caption_rows(self, rows: pa.Table) -> tuple[pa.Table, list[dict], dict]:
-        """(captioned rows without image bytes, drops, seconds per step)."""
+        """(captioned rows without image bytes, drops, seconds per step); ``self.failures`` counts the
+        experts' failures per expert."""
         images, priors, decoded, drops, seconds = self.priors_for(rows)
         rows = rows.filter(pa.array(decoded, pa.bool_())) if drops else rows
         started = time.perf_counter()
@@ -119,6 +119,13 @@ class Captioner:
         started = time.perf_counter()
         captions = self.engine.caption(images, priors, prompts) if images else []
         seconds["generate"] = time.perf_counter() - started
+        failed = [c for c in captions if isinstance(c, Exception)]
+        if len(images) > 1 and len(failed) == len(images):
+            # Every image failing is the captioner's problem (memory, a broken chat template), not the
+            # images': stop before the chunk is saved, so a rerun after the fix captions these rows.
+            raise UserError(f"The caption model failed on every image of a chunk ({len(images)} images); nothing "
+                            f"of the chunk was saved. The first error: {failed[0]}. Fix the cause (a smaller "
+                            f"caption.batch_size for out-of-memory errors) and run the same command again.")
 
         kept = []
         for i, (key, url, caption) in enumerate(zip(rows.column("key").to_pylist(), rows.column("url").to_pylist(),
@@ -132,6 +139,7 @@ class Captioner:
                 kept.append(i)
         rows = rows.drop_columns(["image"]).take(pa.array(kept, pa.int64()))
         texts = [captions[i] for i in kept]
+        self.failures = Counter(f.expert for prior in priors for f in prior.failures)
         added = {
             "caption": pa.array(texts, pa.string()),
             "priors": pa.array([priors[i].to_row() for i in kept], PRIORS_TYPE),
@@ -149,13 +157,23 @@ class Caption(ShardStage):
 
     def params(self, recipe: Recipe) -> dict:
         caption = recipe.caption
+        params = {"engine": caption.engine, "experts": _expert_params(caption)}
+        if caption.engine == "template":  # it writes the priors in its own format and reads no prompt
+            params["template_version"] = TEMPLATE_VERSION
+            return params
         template = PromptTemplate.load(caption.prompt_template)
-        params = {"engine": caption.engine, "prompt_version": template.prompt_version,
-                  "prompt_sha256": template.sha256, "experts": _expert_params(caption)}
-        if caption.engine == "transformers":
-            params.update(model=caption.model, generation=asdict(caption.generation),
-                          dtype=resolved_dtype_name(caption.dtype, caption.device, half="bfloat16"))
+        generation = asdict(caption.generation)
+        if not caption.generation.do_sample:  # greedy: the sampling settings change nothing
+            for name in ("temperature", "top_p", "seed"):
+                generation.pop(name)
+        params.update(prompt_version=template.prompt_version, prompt_sha256=template.sha256, model=caption.model,
+                      generation=generation,
+                      dtype=resolved_dtype_name(caption.dtype, caption.device, half="bfloat16"))
         return params
+
+    def has_outputs(self, ctx: BuildContext) -> bool:
+        # Chunks made with other settings must not be joined into a shard either.
+        return super().has_outputs(ctx) or any((ctx.stage_dir(self.name).path / "chunks").glob("*/shard-*.done"))
 
     @contextlib.contextmanager
     def session(self, ctx: BuildContext):
@@ -168,12 +186,26 @@ class Caption(ShardStage):
     def chunk_dir(self, ctx: BuildContext, shard: str) -> StageDir:
         return StageDir(ctx.workdir, f"{self.name}/chunks/{shard}")
 
+    @staticmethod
+    def chunk_size(chunks: StageDir, wanted: int, rows: int) -> int:
+        """The chunk size of this shard: the one its saved chunks were cut with, so that a resume after
+        ``rows_per_chunk`` changed neither loses nor repeats rows; ``wanted`` for a fresh shard."""
+        layout = chunks.path / "layout.json"
+        if layout.exists() and chunks.done_shards():
+            saved = json.loads(layout.read_text())
+            if saved.get("rows") == rows:
+                return int(saved["rows_per_chunk"])
+        for leftover in chunks.path.glob("shard-*"):  # chunks without a layout cannot be placed: redo them
+            leftover.unlink()
+        atomic_write_json(layout, {"rows_per_chunk": wanted, "rows": rows})
+        return wanted
+
     def run_shard(self, ctx: BuildContext, shard: str, source: StageDir, out: StageDir) -> dict:
         started = time.monotonic()
         rows = source.read(shard)
         chunks = self.chunk_dir(ctx, shard)
         chunks.prepare()
-        size = ctx.recipe.caption.rows_per_chunk
+        size = self.chunk_size(chunks, ctx.recipe.caption.rows_per_chunk, rows.num_rows)
         names = [shard_name(i) for i in range(max(1, -(-rows.num_rows // size)))]
         if not all(chunks.is_done(name) for name in names):
             rows = with_images(ctx, rows, shard)  # the bytes of the whole shard, joined once
@@ -186,31 +218,36 @@ class Caption(ShardStage):
             with chunks.writer(name, captioned.schema) as writer:
                 writer.write(captioned)
             chunks.finish(name, drops, {"rows_in": part.num_rows, "rows_out": captioned.num_rows,
+                                        "expert_failures": dict(self.captioner.failures),
                                         "seconds_by_step": {k: round(v, 4) for k, v in seconds.items()},
                                         "seconds": round(time.monotonic() - chunk_started, 3)})
-        tables = [chunks.read(name) for name in names]
-        joined = pa.concat_tables(tables) if tables else None
-        stats = chunks.all_stats()
+        joined = pa.concat_tables([chunks.read(name) for name in names])
+        stats = [chunks.stats(name) for name in names]
         steps: Counter = Counter()
+        failures: Counter = Counter()
         for chunk_stats in stats:
             steps.update(chunk_stats.get("seconds_by_step", {}))
+            failures.update(chunk_stats.get("expert_failures", {}))
         with out.writer(shard, joined.schema) as writer:
             writer.write(joined)
-        result = out.finish(shard, chunks.read_dropped().to_pylist(), {
+        dropped = [d for name in names for d in pq.read_table(chunks.dropped_path(name)).to_pylist()]
+        result = out.finish(shard, dropped, {
             "rows_in": sum(s["rows_in"] for s in stats), "rows_out": joined.num_rows,
             "caption_words": int(sum(joined.column("caption_words").to_pylist())),
+            "expert_failures": dict(sorted(failures.items())),
             "seconds_by_step": {k: round(v, 3) for k, v in steps.items()},
             "seconds": round(time.monotonic() - started, 3)})
         shutil.rmtree(chunks.path, ignore_errors=True)
         return result
 
 
-def write_prompts(recipe: Recipe, workdir: Path, upstream: str, output: Path, limit: int) -> int:
-    """The dry run: priors and prompts of the first ``limit`` rows upstream, one JSON object per line."""
+def write_prompts(recipe: Recipe, workdir: Path, upstream: str, output: Path, limit: int) -> tuple[int, int]:
+    """The dry run: priors and prompts of the first ``limit`` rows upstream, one JSON object per line (a row
+    whose image does not decode gets its drop reason instead); returns (prompts, rows dropped)."""
     source = StageDir(workdir, upstream)
     captioner = Captioner(recipe, workdir, generate=False)
     ctx = BuildContext(recipe=recipe, workdir=workdir, show_progress=False)
-    lines = []
+    lines, dropped = [], 0
     for shard in source.done_shards():
         if len(lines) >= limit:
             break
@@ -218,10 +255,12 @@ def write_prompts(recipe: Recipe, workdir: Path, upstream: str, output: Path, li
         images, priors, decoded, drops, _ = captioner.priors_for(rows)
         kept = [r for r, ok in zip(rows.drop_columns(["image"]).to_pylist(), decoded) if ok]
         for row, prior, prompt in zip(kept, priors, captioner.prompts_for(priors)):
-            lines.append({"key": row["key"], "url": row["url"], "prompt_version": captioner.template.prompt_version,
-                          "prompt": prompt, "priors": prior.to_row()})
+            lines.append({"key": row["key"], "url": row["url"], "caption_engine": recipe.caption.engine,
+                          "prompt_version": captioner.template.prompt_version, "prompt": prompt,
+                          "priors": prior.to_row()})
         lines.extend({"key": d["key"], "url": d["url"], "dropped": d["reason"], "detail": d["detail"]}
                      for d in drops)
+        dropped += len(drops)
     output.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(output, "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines).encode())
-    return len(lines)
+    return len(lines) - dropped, dropped

@@ -18,11 +18,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from densefusion_hf.images import load_rgb
 from densefusion_hf.models import ImageTextEmbedder, resolved_dtype_name
 from densefusion_hf.recipe import Recipe
 from densefusion_hf.shards import StageDir, temporary_name
-from densefusion_hf.stages.base import BuildContext, ShardStage, with_images
+from densefusion_hf.stages.base import BuildContext, ShardStage, decode_rows, with_images
 
 
 def embedding_paths(workdir: Path, shard: str) -> tuple[Path, Path]:
@@ -67,17 +66,9 @@ class Embed(ShardStage):
         batch_size = ctx.recipe.embed.batch_size
         vectors, decoded, drops = [], [], []
         for start in range(0, rows.num_rows, batch_size):
-            batch = rows.slice(start, batch_size)
-            images = []
-            for key, url, blob in zip(batch.column("key").to_pylist(), batch.column("url").to_pylist(),
-                                      batch.column("image").to_pylist()):
-                try:
-                    images.append(load_rgb(blob))
-                    decoded.append(True)
-                except Exception as exc:  # whatever the decoder raises, the row is recorded, not fatal
-                    decoded.append(False)
-                    drops.append({"key": key, "url": url, "reason": "undecodable",
-                                  "detail": f"{type(exc).__name__}: {exc}"})
+            images, batch_decoded, batch_drops = decode_rows(rows.slice(start, batch_size))
+            decoded += batch_decoded
+            drops += batch_drops
             if images:
                 vectors.append(self.embedder.embed_images(images))
         rows_in = rows.num_rows
