@@ -49,6 +49,11 @@ def _features(output) -> "torch.Tensor":  # noqa: F821
     return output
 
 
+def cannot_load(what: str, exc: Exception) -> UserError:
+    return UserError(f"Cannot load {what}: {exc}. Give a Hub id that is in the local cache (or reachable), or "
+                     f"a local folder with config.json and weights.")
+
+
 class ImageTextEmbedder:
     """A CLIP / SigLIP model: L2-normalised image and text embeddings as float32 numpy arrays."""
 
@@ -67,8 +72,7 @@ class ImageTextEmbedder:
             self.processor = AutoProcessor.from_pretrained(location)
             self.model = AutoModel.from_pretrained(location, dtype=self.dtype).to(self.device).eval()
         except (OSError, ValueError, ImportError) as exc:
-            raise UserError(f"Cannot load the model {name!r}: {exc}. Give a Hub id that is in the local cache "
-                            f"(or reachable), or a local folder with config.json and weights.") from None
+            raise cannot_load(f"the model {name!r}", exc) from None
         if not hasattr(self.model, "get_image_features"):
             raise UserError(f"The model {name!r} ({type(self.model).__name__}) has no image embeddings; "
                             f"use a CLIP or SigLIP model.")
@@ -109,6 +113,4 @@ def load_pipeline(task: str, name: str, workdir: Path, device: str = "auto", dty
         return pipeline(task, model=model_location(name, workdir), device=resolved,
                         dtype=pick_dtype(dtype, resolved, half))
     except (OSError, ValueError, KeyError, ImportError) as exc:
-        raise UserError(f"Cannot load the {what} {name!r} for the {task} pipeline: {exc}. Give a Hub id that "
-                        f"is in the local cache (or reachable), or a local folder with config.json and "
-                        f"weights.") from None
+        raise cannot_load(f"the {what} {name!r} for the {task} pipeline", exc) from None

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import datasets
 import pyarrow as pa
@@ -25,7 +26,7 @@ ROWS = [
 ]
 
 
-def write_caption_recipe(tmp_path, server, caption: dict, rows=ROWS, **extra) -> "Path":  # noqa: F821
+def write_caption_recipe(tmp_path, server, caption: dict, rows=ROWS, **extra) -> Path:
     write_metadata(tmp_path / "meta.parquet",
                    [{"URL": f"{server}/{path}", "TEXT": text} for path, text in rows])
     body = {"name": "caption-test", "source": {"metadata": ["meta.parquet"], "rows_per_shard": 2},
@@ -105,7 +106,7 @@ def test_broken_image_is_dropped_with_its_reason_and_the_rest_captioned(tmp_path
     captioner = Captioner(recipe, tmp_path / "work")
     rows = pa.table({"key": ["a", "b"], "url": ["u/a", "u/b"], "text": ["a sign", None],
                      "image": [photo_files["text/grand-opening.jpg"], photo_files["bad/truncated.jpg"]]})
-    captioned, drops, seconds = captioner.caption_rows(rows)
+    captioned, drops, _ = captioner.caption_rows(rows)
     assert captioned.column("key").to_pylist() == ["a"] and "image" not in captioned.column_names
     assert [(d["key"], d["reason"]) for d in drops] == [("b", "undecodable")]
     assert "OSError" in drops[0]["detail"] or "truncated" in drops[0]["detail"].lower()

@@ -13,7 +13,7 @@ from densefusion_hf.sample.tiny_models import (build_tiny_clip, build_tiny_detr,
                                                build_tiny_owlvit)
 from densefusion_hf.shards import StageDir
 from densefusion_hf.stages.caption import Captioner
-from tests.conftest import load_published, write_recipe
+from tests.conftest import load_published
 from tests.test_caption import ROWS, captioned_rows, write_caption_recipe
 
 

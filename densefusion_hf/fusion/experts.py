@@ -66,7 +66,7 @@ def apply(expert: Expert, images: list, priors: list[Priors]) -> None:
 
 def _batches(items: list, size: int):
     for start in range(0, len(items), size):
-        yield start, items[start:start + size]
+        yield items[start:start + size]
 
 
 class Tagger(Expert):
@@ -104,7 +104,7 @@ class Tagger(Expert):
 
     def run(self, images, priors):
         found = []
-        for _, batch in _batches(images, self.settings.batch_size):
+        for batch in _batches(images, self.settings.batch_size):
             for row in self.scores(batch):
                 best = np.argsort(-row, kind="stable")[: self.settings.top_k]
                 found.append([Tag(self.vocabulary[i], round(float(row[i]), 4)) for i in best

@@ -26,7 +26,6 @@ from dataclasses import asdict
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from densefusion_hf.errors import UserError
 from densefusion_hf.fusion.boxes import postprocess
@@ -109,8 +108,7 @@ class Captioner:
         return [self.template.render(p) for p in priors]
 
     def caption_rows(self, rows: pa.Table) -> tuple[pa.Table, list[dict], dict]:
-        """(captioned rows without image bytes, drops, seconds per step); ``self.failures`` counts the
-        experts' failures per expert."""
+        """(captioned rows without image bytes, drops, stats: seconds per step and failures per expert)."""
         images, priors, decoded, drops, seconds = self.priors_for(rows)
         rows = rows.filter(pa.array(decoded, pa.bool_())) if drops else rows
         started = time.perf_counter()
@@ -139,7 +137,6 @@ class Captioner:
                 kept.append(i)
         rows = rows.drop_columns(["image"]).take(pa.array(kept, pa.int64()))
         texts = [captions[i] for i in kept]
-        self.failures = Counter(f.expert for prior in priors for f in prior.failures)
         added = {
             "caption": pa.array(texts, pa.string()),
             "priors": pa.array([priors[i].to_row() for i in kept], PRIORS_TYPE),
@@ -149,7 +146,8 @@ class Captioner:
         }
         for field in CAPTION_FIELDS:
             rows = rows.append_column(field, added[field.name])
-        return rows, drops, seconds
+        failures = Counter(f.expert for prior in priors for f in prior.failures)
+        return rows, drops, {"seconds_by_step": seconds, "expert_failures": dict(sorted(failures.items()))}
 
 
 class Caption(ShardStage):
@@ -214,15 +212,17 @@ class Caption(ShardStage):
                 continue
             part = rows.slice(index * size, size)
             chunk_started = time.monotonic()
-            captioned, drops, seconds = self.captioner.caption_rows(part)
+            captioned, drops, stats = self.captioner.caption_rows(part)
             with chunks.writer(name, captioned.schema) as writer:
                 writer.write(captioned)
             chunks.finish(name, drops, {"rows_in": part.num_rows, "rows_out": captioned.num_rows,
-                                        "expert_failures": dict(self.captioner.failures),
-                                        "seconds_by_step": {k: round(v, 4) for k, v in seconds.items()},
+                                        "expert_failures": stats["expert_failures"],
+                                        "seconds_by_step": {k: round(v, 4) for k, v in
+                                                            stats["seconds_by_step"].items()},
                                         "seconds": round(time.monotonic() - chunk_started, 3)})
+        # chunk_size left only this shard's chunks, all done now: the folder's own readers see exactly them.
         joined = pa.concat_tables([chunks.read(name) for name in names])
-        stats = [chunks.stats(name) for name in names]
+        stats = chunks.all_stats()
         steps: Counter = Counter()
         failures: Counter = Counter()
         for chunk_stats in stats:
@@ -230,8 +230,7 @@ class Caption(ShardStage):
             failures.update(chunk_stats.get("expert_failures", {}))
         with out.writer(shard, joined.schema) as writer:
             writer.write(joined)
-        dropped = [d for name in names for d in pq.read_table(chunks.dropped_path(name)).to_pylist()]
-        result = out.finish(shard, dropped, {
+        result = out.finish(shard, chunks.read_dropped().to_pylist(), {
             "rows_in": sum(s["rows_in"] for s in stats), "rows_out": joined.num_rows,
             "caption_words": int(sum(joined.column("caption_words").to_pylist())),
             "expert_failures": dict(sorted(failures.items())),
