@@ -1,18 +1,30 @@
 """The dataset card (README.md): YAML metadata the Hub and ``datasets`` read, and a body for people.
 
-Rendered through huggingface_hub's ``DatasetCard.from_template`` from ``cards/dataset_card.md``.  The YAML
-``configs`` and ``dataset_info`` are computed from the Parquet files and features actually written.
+Rendered through huggingface_hub's ``DatasetCard.from_template`` from ``cards/dataset_card.md``, from
+each config's ``assets/CONFIG/build.json`` (written by publish), so a card can be rendered again, or for
+a Hub repo holding several configs, without the work directories.  ``check_card`` reads a folder back
+and lists everything the card says that the files contradict.
 """
 
 from __future__ import annotations
 
+import fnmatch
+import json
+import re
 from pathlib import Path
 
 import datasets
+import pyarrow.parquet as pq
 from huggingface_hub import DatasetCard, DatasetCardData
 
-from densefusion_hf import __version__
+from densefusion_hf.build_info import BUILD_INFO, assets_dir, file_sha256
 from densefusion_hf.card_templates import template_path
+from densefusion_hf.charts import bar_chart_png
+from densefusion_hf.errors import UserError
+
+CARD = "README.md"
+CHARTS = {"resolutions": "Images per short side (pixels)", "categories": "Images per category"}
+TAGS = ["densefusion", "image-captioning", "dense-captions", "laion"]
 
 # What each column means, for the card's field table.
 FIELD_MEANINGS = {
@@ -55,12 +67,20 @@ def size_category(rows: int) -> str:
     return "n>1T" if rows >= 10 ** 12 else "1B<n<10B"
 
 
-def dataset_info_yaml(features: datasets.Features, num_examples: int, num_bytes: int,
-                      download_size: int) -> dict:
-    info = datasets.DatasetInfo(features=features, download_size=download_size, dataset_size=num_bytes)
-    info.splits = datasets.SplitDict()
-    info.splits.add(datasets.SplitInfo(name="train", num_bytes=num_bytes, num_examples=num_examples))
-    return info._to_yaml_dict()
+def data_pattern(config: str) -> str:
+    """Where a config's files are, as ``push_to_hub`` names them."""
+    return f"{config}/train-*"
+
+
+def dataset_info_yaml(info: dict) -> dict:
+    features = datasets.Features.from_dict(info["features"])
+    rows = sum(f["rows"] for f in info["files"])
+    meta = datasets.DatasetInfo(features=features, dataset_size=info["num_bytes"],
+                                download_size=sum(f["bytes"] for f in info["files"]))
+    meta.splits = datasets.SplitDict()
+    meta.splits.add(datasets.SplitInfo(name="train", num_bytes=info["num_bytes"], num_examples=rows))
+    # DatasetInfo writes its YAML block only through this private method; the Hub's own tools use it too.
+    return {"config_name": info["config"], **meta._to_yaml_dict()}
 
 
 def _dtype_words(feature) -> str:
@@ -71,27 +91,137 @@ def _dtype_words(feature) -> str:
     return type(feature).__name__
 
 
-def render_card(folder: Path, *, recipe, features: datasets.Features, num_examples: int, num_bytes: int,
-                stage_summaries: list[dict], load_path: str | None = None,
-                selection: dict | None = None) -> DatasetCard:
-    """Write ``folder/README.md`` and return the card."""
-    download_size = sum(p.stat().st_size for p in (folder / "data").glob("*.parquet"))
+def _config_view(info: dict) -> dict:
+    """One config's numbers, shaped for the template."""
+    features = datasets.Features.from_dict(info["features"])
+    changelog = sorted(info["recipe"]["changelog"].items(), key=lambda kv: tuple(map(int, kv[0].split("."))),
+                       reverse=True)
+    return dict(info, rows=sum(f["rows"] for f in info["files"]),
+                changelog=[{"version": version, "text": text} for version, text in changelog],
+                fields=[{"name": name, "dtype": _dtype_words(feature), "meaning": FIELD_MEANINGS.get(name, "")}
+                        for name, feature in features.items()],
+                charts={name: f"assets/{info['config']}/{name}.png" for name in CHARTS
+                        if info["stats"].get(name)})
+
+
+def card_for(infos: list[dict], *, load_path: str, version: str | None = None, on_hub: bool = False) -> DatasetCard:
+    """The card of a folder or repo holding these configs; the first one is the one described first."""
+    if not infos:
+        raise UserError("A dataset card needs at least one config (no assets/*/build.json found).")
+    main = infos[0]["recipe"]
+    rows = sum(f["rows"] for info in infos for f in info["files"])
     card_data = DatasetCardData(
-        license=recipe.license,
-        pretty_name=recipe.pretty_name or recipe.name,
+        license=main["license"],
+        pretty_name=main["pretty_name"],
         task_categories=["image-to-text", "text-to-image"],
-        size_categories=[size_category(num_examples)],
-        tags=["densefusion", "image-captioning", "laion"],
-        configs=[{"config_name": "default", "data_files": [{"split": "train", "path": "data/train-*"}]}],
-        dataset_info=dataset_info_yaml(features, num_examples, num_bytes, download_size),
+        size_categories=[size_category(rows)],
+        tags=TAGS,
+        configs=[{"config_name": info["config"], "data_files": [{"split": "train", "path": data_pattern(info["config"])}]}
+                 for info in infos],
+        dataset_info=[dataset_info_yaml(info) for info in infos],
     )
-    fields = [{"name": name, "dtype": _dtype_words(feature), "meaning": FIELD_MEANINGS.get(name, "")}
-              for name, feature in features.items()]
-    card = DatasetCard.from_template(
-        card_data, template_path=str(template_path()),
-        description=recipe.description.strip(), recipe_name=recipe.name, version=recipe.version,
-        package_version=__version__, load_path=load_path or f"path/to/{recipe.name}",
-        fields=fields, stages=stage_summaries, selection=selection,
+    return DatasetCard.from_template(
+        card_data, template_path=str(template_path()), pretty_name=main["pretty_name"],
+        description=main["description"], version=version or main["version"], load_path=load_path,
+        on_hub=on_hub, license=main["license"],
+        package_version=infos[0]["package_version"], configs=[_config_view(info) for info in infos],
     )
-    card.save(str(folder / "README.md"))
+
+
+def config_infos(folder: Path) -> list[dict]:
+    """Every config's build.json in a dataset folder, in name order."""
+    paths = sorted(Path(folder).glob(f"assets/*/{BUILD_INFO}"))
+    return [json.loads(p.read_text(encoding="utf-8")) for p in paths]
+
+
+def render_card(folder: Path, infos: list[dict] | None = None, *, load_path: str | None = None,
+                version: str | None = None) -> DatasetCard:
+    """Write ``folder/README.md`` from the configs' build.json (or the ``infos`` given) and return it."""
+    folder = Path(folder)
+    card = card_for(infos if infos is not None else config_infos(folder), load_path=load_path or str(folder),
+                    version=version)
+    card.save(str(folder / CARD))
     return card
+
+
+def write_charts(folder: Path, stats: dict) -> None:
+    """The card's charts as PNG files in ``folder`` (assets/CONFIG)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, title in CHARTS.items():
+        if stats.get(name):
+            (folder / f"{name}.png").write_bytes(bar_chart_png(title, stats[name]))
+
+
+def _parquet_features(path: Path) -> datasets.Features:
+    return datasets.Features.from_arrow_schema(pq.read_schema(path))
+
+
+def check_card(folder: Path) -> list[str]:
+    """What the card in ``folder`` says that the files there contradict; empty when all is well."""
+    folder = Path(folder)
+    try:
+        card = DatasetCard.load(folder / CARD)
+    except FileNotFoundError:
+        return [f"{folder / CARD}: no dataset card; render it with `df-hf card render {folder}`."]
+    except Exception as exc:  # the YAML header does not parse: nothing else can be checked
+        return [f"{folder / CARD}: the YAML header does not parse: {exc}"]
+    data = card.data.to_dict()
+    problems = []
+    configs = data.get("configs") or []
+    if not configs:
+        problems.append("the YAML has no `configs`: the Hub and datasets would guess the files.")
+    infos = {entry.get("config_name"): entry for entry in _as_list(data.get("dataset_info"))}
+    files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.parquet"))
+    total = 0
+    for config in configs:
+        name = config.get("config_name")
+        matched = [f for entry in _as_list(config.get("data_files")) for f in files
+                   if fnmatch.fnmatch(f, entry.get("path", "") if isinstance(entry, dict) else str(entry))]
+        if not matched:
+            problems.append(f"config {name!r}: its data_files match no Parquet file in {folder}.")
+            continue
+        rows = sum(pq.ParquetFile(folder / f).metadata.num_rows for f in matched)
+        total += rows
+        problems += _check_config(folder, name, matched, rows, infos.get(name))
+    expected = size_category(total)
+    if configs and data.get("size_categories") != [expected]:
+        problems.append(f"size_categories is {data.get('size_categories')} but the configs hold {total} rows "
+                        f"({expected}).")
+    for chart in sorted(set(_linked_assets(card.text)) - set(p.relative_to(folder).as_posix()
+                                                              for p in folder.rglob("*.png"))):
+        problems.append(f"the card shows {chart}, which is not in {folder}.")
+    return problems
+
+
+def _check_config(folder: Path, name: str, files: list[str], rows: int, info: dict | None) -> list[str]:
+    problems = []
+    features = _parquet_features(folder / files[0])
+    for other in files[1:]:
+        if _parquet_features(folder / other) != features:
+            problems.append(f"config {name!r}: {other} has other columns than {files[0]}.")
+    if info is None:
+        return problems + [f"config {name!r}: no dataset_info entry in the YAML."]
+    if datasets.Features._from_yaml_list(info.get("features", [])) != features:
+        problems.append(f"config {name!r}: dataset_info features differ from the columns of its files.")
+    counted = {split.get("name"): split.get("num_examples") for split in info.get("splits", [])}
+    if counted.get("train") != rows:
+        problems.append(f"config {name!r}: dataset_info says {counted.get('train')} train rows, the files hold "
+                        f"{rows}.")
+    build = assets_dir(folder, name) / BUILD_INFO
+    if build.exists():
+        listed = {f["path"]: f["sha256"] for f in json.loads(build.read_text(encoding="utf-8"))["files"]}
+        for path in files:
+            if listed.get(path) != file_sha256(folder / path):
+                problems.append(f"config {name!r}: {path} is not the file the card lists (SHA-256 differs); "
+                                f"render the card again.")
+    return problems
+
+
+def _as_list(value) -> list:
+    if value is None:
+        return []
+    return value if isinstance(value, list) else [value]
+
+
+def _linked_assets(text: str) -> list[str]:
+    return re.findall(r"\]\((assets/[^)\s]+\.png)\)", text)

@@ -8,6 +8,7 @@ folder.  ``describe_fields(Recipe)`` lists every field with its help text.
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
@@ -319,7 +320,18 @@ class Publish:
     """The final dataset folder, in the Hub's no-script layout."""
 
     output: Optional[Path] = option(None, help="dataset folder (default: WORKDIR/dataset)")
-    rows_per_file: int = option(5_000, ge=1, help="rows per Parquet file in data/")
+    config: Optional[str] = option(None, pattern=r"[A-Za-z0-9][A-Za-z0-9._-]*",
+                                   help="config name on the Hub, also the folder of its Parquet files "
+                                        "(default: the recipe name)")
+    max_shard_mb: float = option(500, gt=0, help="largest Parquet file in MB (1 MB = 10^6 bytes); the file "
+                                                 "count is rounded up to split evenly over 1-64 consumers")
+    max_row_group_mb: float = option(100, gt=0, help="largest row group in MB (row groups also hold at most "
+                                                     "100 rows, for random access and the Hub's viewer)")
+    min_shards: int = option(1, ge=1, help="write at least this many Parquet files (e.g. one per DataLoader "
+                                           "worker on a small dataset)")
+    repo: Optional[str] = option(None, pattern=r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*",
+                                 help="Hub dataset repo ORG/NAME that `df-hf build --push` publishes to")
+    private: bool = option(False, help="create the Hub repo private")
 
 
 @dataclass
@@ -330,6 +342,8 @@ class Recipe:
     pretty_name: Optional[str] = option(None, help="human-readable name for the dataset card")
     description: str = option("", help="one paragraph for the dataset card")
     license: str = option("other", help="license identifier for the dataset card")
+    changelog: dict[str, str] = option(factory=dict, help="what changed in each version (X.Y.Z: text), "
+                                                          "listed on the dataset card")
     stages: Optional[list[Literal[STAGE_ORDER]]] = option(  # type: ignore[valid-type]
         None, help="stages to run, in build order (default: all; embed and semdedup only with embed.model, "
                    "caption only with a caption section)")
@@ -373,6 +387,15 @@ class Recipe:
                 (self.source.columns.width is None or self.source.columns.height is None):
             raise SchemaProblem("filters", "a size filter is set but source.columns.width/height is null; "
                                            "name the columns or remove the filter")
+
+        for version in self.changelog:
+            if not re.fullmatch(r"\d+\.\d+\.\d+", str(version)):
+                raise SchemaProblem("changelog", f"keys are versions X.Y.Z; found {version!r}")
+
+    @property
+    def config_name(self) -> str:
+        """The dataset's config on the Hub and the folder of its Parquet files."""
+        return self.publish.config or self.name
 
     # Set by load_recipe, not read from YAML.
     path: Path = field(default=Path(), init=False)

@@ -131,7 +131,7 @@ def test_an_image_without_text_has_no_ocr_lines(tmp_path):
 
 
 def test_killed_caption_resumes_from_its_last_chunk(tmp_path, image_server):
-    path = write_caption_recipe(tmp_path, image_server, TEMPLATE, publish={"rows_per_file": 10})
+    path = write_caption_recipe(tmp_path, image_server, TEMPLATE)
     workdir = tmp_path / "work"
     build(load_recipe(path), workdir, only="ingest,fetch", show_progress=False)
     child = subprocess.Popen([sys.executable, "-m", "densefusion_hf", "build", str(path), "--workdir", str(workdir),
@@ -149,12 +149,12 @@ def test_killed_caption_resumes_from_its_last_chunk(tmp_path, image_server):
 
     # Saved chunks made with other settings are refused, as finished shards are.
     changed = dict(TEMPLATE, experts={"ocr": {"engine": "rapidocr", "min_score": 0.9}})
-    write_caption_recipe(tmp_path, image_server, changed, publish={"rows_per_file": 10})
+    write_caption_recipe(tmp_path, image_server, changed)
     refused = run_cli("build", str(path), "--workdir", str(workdir), "--no-progress")
     assert refused.returncode == 1 and "min_score" in refused.stderr and "--fresh" in refused.stderr
 
     # rows_per_chunk only changes how often work is saved: the resume keeps the saved chunk's layout.
-    write_caption_recipe(tmp_path, image_server, dict(TEMPLATE, rows_per_chunk=2), publish={"rows_per_file": 10})
+    write_caption_recipe(tmp_path, image_server, dict(TEMPLATE, rows_per_chunk=2))
     result = run_cli("build", str(path), "--workdir", str(workdir), "--no-progress")
     assert result.returncode == 0, result.stderr
     rows = captioned_rows(workdir)

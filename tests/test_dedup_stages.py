@@ -152,7 +152,7 @@ def test_a_shard_emptied_by_dedup_flows_through_every_later_stage(tmp_path, imag
     build(recipe, workdir, show_progress=False)
     assert StageDir(workdir, "dedup").stats("00001")["rows_out"] == 0
     assert np.load(embedding_paths(workdir, "00001")[0]).shape[0] == 0
-    published = [r for f in sorted((workdir / "dataset" / "data").glob("*.parquet"))
+    published = [r for f in sorted((workdir / "dataset" / "empty-shard").glob("*.parquet"))
                  for r in pq.read_table(f).to_pylist()]
     assert sorted(r["url"].rsplit("/", 1)[1] for r in published) == ["astronaut.jpg", "coffee.jpg", "rocket.jpg"]
     # Only fetch keeps image bytes; the stages after it carry the small columns.

@@ -19,7 +19,7 @@ from tests.conftest import DEMO_RECIPE, REPO, run_cli
 
 
 def _dataset_rows(workdir):
-    files = sorted((workdir / "dataset" / "data").glob("*.parquet"))
+    files = sorted((workdir / "dataset" / "densefusion-demo").glob("*.parquet"))
     return [row for f in files for row in pq.read_table(f).to_pylist()]
 
 

@@ -22,7 +22,7 @@ def small(tmp_path, image_server):
 
     def recipe(**changes):
         body = {"name": "small", "source": {"metadata": ["meta.parquet"], "rows_per_shard": 2},
-                "fetch": {"timeout": 5, "threads": 2}, "publish": {"rows_per_file": 2}}
+                "fetch": {"timeout": 5, "threads": 2}, "publish": {"min_shards": 2}}
         for section, values in changes.items():
             body[section] = {**body.get(section, {}), **values} if isinstance(values, dict) else values
         return load_recipe(write_recipe(tmp_path / "recipe.yaml", body))
@@ -38,10 +38,10 @@ def _mtimes(workdir, stage):
 def test_rerun_skips_finished_shards_and_changes_nothing(small):
     recipe, workdir = small
     build(recipe(), workdir, show_progress=False)
-    stages = ("ingest", "fetch", "dedup", "select", "dataset/data")
+    stages = ("ingest", "fetch", "dedup", "select", "dataset/small")
     before = {s: _mtimes(workdir, s) for s in stages}
     before["decision"] = (workdir / "dedup" / "decision.parquet").stat().st_mtime_ns
-    assert len(before["fetch"]) == 3 and len(before["dataset/data"]) == 2
+    assert len(before["fetch"]) == 3 and len(before["dataset/small"]) == 2
     build(recipe(), workdir, show_progress=False)
     after = {s: _mtimes(workdir, s) for s in stages}
     after["decision"] = (workdir / "dedup" / "decision.parquet").stat().st_mtime_ns
@@ -67,10 +67,10 @@ def test_upstream_change_makes_downstream_stale(small):
     with pytest.raises(UserError, match="stage 'ingest'.*rows_per_shard: 2 -> 3"):
         build(recipe(source={"rows_per_shard": 3}), workdir, show_progress=False)
     # Only publish settings changed: ingest and fetch are still valid, publish is refused.
-    with pytest.raises(UserError, match="stage 'publish'.*rows_per_file: 2 -> 5"):
-        build(recipe(publish={"rows_per_file": 5}), workdir, show_progress=False)
-    build(recipe(publish={"rows_per_file": 5}), workdir, only="publish", fresh=True, show_progress=False)
-    files = sorted((workdir / "dataset" / "data").glob("*.parquet"))
+    with pytest.raises(UserError, match="stage 'publish'.*min_shards: 2 -> 1"):
+        build(recipe(publish={"min_shards": 1}), workdir, show_progress=False)
+    build(recipe(publish={"min_shards": 1}), workdir, only="publish", fresh=True, show_progress=False)
+    files = sorted((workdir / "dataset" / "small").glob("*.parquet"))
     assert [f.name for f in files] == ["train-00000-of-00001.parquet"]
     assert pq.read_metadata(files[0]).num_rows == 4
 

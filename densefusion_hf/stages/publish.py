@@ -1,16 +1,22 @@
-"""publish: write the dataset folder in the Hub's no-script layout.
+"""publish: write the dataset folder in the Hub's no-script layout, one config per dataset.
 
-    DATASET/README.md                          card with YAML configs and dataset_info
-    DATASET/data/train-00000-of-0000N.parquet  image (datasets Image feature, bytes embedded) + columns
+    DATASET/README.md                               card: YAML configs + dataset_info, a body for people
+    DATASET/CONFIG/train-00000-of-0000N.parquet     image (datasets Image feature, bytes embedded) + columns
+    DATASET/assets/CONFIG/build.json                the numbers the card is rendered from
+    DATASET/assets/CONFIG/resolutions.png           charts the card shows
+    DATASET/assets/CONFIG/categories.png
 
+File names are those ``push_to_hub`` gives, so the folder can be pushed as it is (``df-hf publish``) and
+``datasets.load_dataset(DATASET, CONFIG)`` loads it locally.  Two passes over the rows: the first measures
+them (sizes for the shard plan, statistics for the card), the second writes them.  Parquet is written as
+``datasets`` writes it for the Hub: content-defined chunking, a page index, image bytes stored plain.
+Nothing depends on the clock, so the same inputs give byte-identical files and a re-push uploads nothing.
 The folder is built beside its final place and swapped in whole, so it is never half-written.
-``datasets.load_dataset(DATASET)`` loads it.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import time
@@ -18,19 +24,23 @@ from pathlib import Path
 
 import datasets
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from datasets.arrow_writer import get_parquet_column_options
 
-from densefusion_hf.cards import render_card
+from densefusion_hf.build_info import assets_dir, build_info, describe_files, write_build_info
+from densefusion_hf.cards import render_card, write_charts
 from densefusion_hf.console import progress
+from densefusion_hf.dataset_stats import PublishedStats
 from densefusion_hf.errors import UserError
 from densefusion_hf.recipe import Recipe
 from densefusion_hf.report import stage_summary
+from densefusion_hf.shard_plan import plan_row_groups, plan_shards
 from densefusion_hf.shards import temporary_name
 from densefusion_hf.stages.base import BuildContext, Stage, with_images
 
-# Image datasets are read in small row groups: datasets uses 100 rows for images, so do we.
-ROW_GROUP_ROWS = 100
 _DONE = "all"
+_MB = 1_000_000
 
 
 def dataset_folder(recipe: Recipe, workdir: Path) -> Path:
@@ -54,35 +64,66 @@ def _to_published(table: pa.Table, schema: pa.Schema) -> pa.Table:
     return pa.table(columns, schema=schema)
 
 
-# What a dataset folder written by publish holds; anything else there is not ours to delete.
-_OURS = {"README.md", "data"}
+def parquet_writer(path: Path, features: datasets.Features) -> pq.ParquetWriter:
+    """A writer with the settings ``datasets`` uses for the Hub: content-defined chunking (so a changed
+    row re-uploads only its pages), a page index for the viewer, image bytes stored plain."""
+    schema = features.arrow_schema
+    cdc = datasets.config.DEFAULT_CDC_OPTIONS
+    writer = pq.ParquetWriter(path, schema, use_content_defined_chunking=cdc, write_page_index=True,
+                              **get_parquet_column_options(features, schema))
+    writer.add_key_value_metadata({"content_defined_chunking": json.dumps(cdc)})
+    return writer
 
 
-def _check_replaceable(folder: Path) -> None:
+def _check_replaceable(folder: Path, config: str) -> None:
+    """The folder is replaced whole: refuse when it holds anything publish did not write."""
     if not folder.exists():
         return
-    foreign = sorted(p.name for p in folder.iterdir() if p.name not in _OURS and p.suffix != ".png")
+    ours = {"README.md", "assets", config}
+    foreign = sorted(p.name for p in folder.iterdir() if p.name not in ours)
     if foreign:
         raise UserError(f"publish.output {folder} already holds files publish did not write "
                         f"({', '.join(foreign[:5])}); it replaces the whole folder. Point publish.output at a "
                         f"new or empty folder, or remove those files.")
 
 
-def _row_chunks(ctx, source, shards):
-    """The upstream rows with their images in shard order, ROW_GROUP_ROWS at a time."""
-    for shard in shards:
-        table = with_images(ctx, source.read(shard), shard)
-        for start in range(0, table.num_rows, ROW_GROUP_ROWS):
-            yield table.slice(start, ROW_GROUP_ROWS)
+def _row_bytes(table: pa.Table) -> list[int]:
+    """What each row adds to a file: its image plus an equal share of the other columns."""
+    images = pc.binary_length(table.column("image")).fill_null(0).to_pylist()
+    rest = round((table.nbytes - table.column("image").nbytes) / max(table.num_rows, 1))
+    return [size + rest for size in images]
+
+
+class _RowStream:
+    """The upstream rows with their images, in shard order, handed out ``count`` at a time."""
+
+    def __init__(self, ctx: BuildContext, source, shards: list[str]):
+        self._tables = (with_images(ctx, source.read(shard), shard) for shard in shards)
+        self._pending: list[pa.Table] = []
+        self._pending_rows = 0
+
+    def take(self, count: int) -> pa.Table:
+        while self._pending_rows < count:
+            table = next(self._tables)
+            self._pending.append(table)
+            self._pending_rows += table.num_rows
+        table = pa.concat_tables(self._pending)
+        head, rest = table.slice(0, count), table.slice(count)
+        self._pending, self._pending_rows = [rest], rest.num_rows
+        return head
 
 
 class Publish(Stage):
     name = "publish"
 
     def params(self, recipe: Recipe) -> dict:
-        return {"output": str(dataset_folder(recipe, Path("WORKDIR"))), "rows_per_file": recipe.publish.rows_per_file,
+        settings = recipe.publish
+        return {"output": str(dataset_folder(recipe, Path("WORKDIR"))), "config": recipe.config_name,
+                "max_shard_mb": settings.max_shard_mb, "max_row_group_mb": settings.max_row_group_mb,
+                "min_shards": settings.min_shards,
                 "card": {"name": recipe.name, "version": recipe.version, "pretty_name": recipe.pretty_name,
-                         "description": recipe.description, "license": recipe.license}}
+                         "description": recipe.description, "license": recipe.license,
+                         "changelog": dict(recipe.changelog)}}
 
     @staticmethod
     def _upstream_schema(source, shards) -> pa.Schema:
@@ -97,9 +138,43 @@ class Publish(Stage):
     def has_outputs(self, ctx: BuildContext) -> bool:
         return ctx.stage_dir(self.name).is_done(_DONE)
 
+    @staticmethod
+    def _measure(ctx: BuildContext, source, shards: list[str], total: int):
+        """Pass 1: every row's size in a file, the card's statistics, the prompt versions met."""
+        sizes, stats, prompt_versions = [], PublishedStats(), set()
+        with progress(total, "publish: measure", "row", ctx.show_progress) as bar:
+            for shard in shards:
+                table = with_images(ctx, source.read(shard), shard)
+                sizes += _row_bytes(table)
+                stats.add(table)
+                if "prompt_version" in table.column_names:
+                    prompt_versions.update(v for v in table.column("prompt_version").to_pylist() if v)
+                bar.update(table.num_rows)
+        return sizes, stats.result(), sorted(prompt_versions)
+
+    @staticmethod
+    def _write(ctx: BuildContext, rows: _RowStream, folder: Path, features: datasets.Features,
+               sizes: list[int], ranges: list[tuple[int, int]]) -> tuple[list[Path], int]:
+        """Pass 2: the Parquet files, row group by row group; returns their paths and the Arrow bytes."""
+        settings, schema = ctx.recipe.publish, features.arrow_schema
+        paths, num_bytes = [], 0
+        with progress(len(sizes), "publish: write", "row", ctx.show_progress) as bar:
+            for index, (start, stop) in enumerate(ranges):
+                path = folder / f"train-{index:05d}-of-{len(ranges):05d}.parquet"
+                with parquet_writer(path, features) as writer:
+                    if start == stop:  # an empty dataset still gets one file with the schema
+                        writer.write_table(schema.empty_table())
+                    for count in plan_row_groups(sizes[start:stop], round(settings.max_row_group_mb * _MB)):
+                        part = _to_published(rows.take(count), schema)
+                        writer.write_table(part, row_group_size=count)
+                        num_bytes += part.nbytes
+                        bar.update(count)
+                paths.append(path)
+        return paths, num_bytes
+
     def run(self, ctx: BuildContext, upstream: str | None) -> dict:
         recipe, bookkeeping = ctx.recipe, ctx.stage_dir(self.name)
-        final = dataset_folder(recipe, ctx.workdir)
+        final, config = dataset_folder(recipe, ctx.workdir), recipe.config_name
         if bookkeeping.is_done(_DONE) and (final / "README.md").exists():
             return bookkeeping.stats(_DONE)
         bookkeeping.prepare()
@@ -107,45 +182,28 @@ class Publish(Stage):
         source = ctx.stage_dir(upstream)
         shards = source.done_shards()
         total = sum(source.stats(s)["rows_out"] for s in shards)
-        n_files = max(1, math.ceil(total / recipe.publish.rows_per_file))
 
-        _check_replaceable(final)
+        _check_replaceable(final, config)
         final.parent.mkdir(parents=True, exist_ok=True)
         for leftover in final.parent.glob(f".{final.name}*.tmp-*"):  # from a publish that was killed
             shutil.rmtree(leftover, ignore_errors=True)
         staging = temporary_name(final)
-        (staging / "data").mkdir(parents=True)
+        (staging / config).mkdir(parents=True)
 
+        sizes, stats, prompt_versions = self._measure(ctx, source, shards, total)
+        ranges = plan_shards(sizes, round(recipe.publish.max_shard_mb * _MB), recipe.publish.min_shards)
         features = published_features(self._upstream_schema(source, shards))
-        schema = features.arrow_schema
-        num_bytes = 0
-        file_index, in_file = 0, 0
+        paths, num_bytes = self._write(ctx, _RowStream(ctx, source, shards), staging / config, features,
+                                       sizes, ranges)
 
-        def open_file(index: int) -> pq.ParquetWriter:
-            return pq.ParquetWriter(staging / "data" / f"train-{index:05d}-of-{n_files:05d}.parquet", schema)
-
-        with progress(total, self.name, "row", ctx.show_progress) as bar:
-            writer = open_file(file_index)
-            for chunk in _row_chunks(ctx, source, shards):
-                while chunk.num_rows:
-                    if in_file == recipe.publish.rows_per_file:
-                        writer.close()
-                        file_index, in_file = file_index + 1, 0
-                        writer = open_file(file_index)
-                    part = chunk.slice(0, recipe.publish.rows_per_file - in_file)
-                    chunk = chunk.slice(part.num_rows)
-                    part = _to_published(part, schema)
-                    writer.write_table(part)
-                    num_bytes += part.nbytes
-                    in_file += part.num_rows
-                    bar.update(part.num_rows)
-            writer.close()
-
-        summaries = [stage_summary(ctx.workdir, s) for s in recipe.stages if s != self.name]
         selection = ctx.stage_dir("select").path / "summary.json"
-        render_card(staging, recipe=recipe, features=features, num_examples=total, num_bytes=num_bytes,
-                    stage_summaries=summaries, load_path=str(final),
-                    selection=json.loads(selection.read_text()) if selection.exists() else None)
+        info = build_info(recipe, features=features.to_dict(), stages=[stage_summary(ctx.workdir, s) for s in recipe.stages if s != self.name],
+                          selection=json.loads(selection.read_text()) if selection.exists() else None,
+                          stats=stats, files=describe_files(staging, paths), num_bytes=num_bytes,
+                          prompt_versions=prompt_versions)
+        write_build_info(staging, info)
+        write_charts(assets_dir(staging, config), stats)
+        render_card(staging, [info], load_path=str(final))
         if final.exists():
             old = temporary_name(final.with_name(final.name + ".old"))
             os.replace(final, old)
@@ -154,6 +212,6 @@ class Publish(Stage):
         else:
             os.replace(staging, final)
         return bookkeeping.finish(_DONE, [], {
-            "rows_in": total, "rows_out": total, "files": n_files, "dataset": str(final),
+            "rows_in": total, "rows_out": total, "files": len(paths), "dataset": str(final), "config": config,
             "seconds": round(time.monotonic() - started, 3),
         })
