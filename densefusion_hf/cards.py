@@ -88,7 +88,9 @@ def _dtype_words(feature) -> str:
         return "image"
     if isinstance(feature, datasets.Value):
         return feature.dtype
-    return type(feature).__name__
+    if isinstance(feature, dict):
+        return "struct"
+    return type(feature).__name__.lower()
 
 
 def _config_view(info: dict) -> dict:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 import traceback
 from pathlib import Path
@@ -36,7 +37,14 @@ def cli():
                    "Without it, a build resumes: finished shards are kept and skipped.")
 @click.option("--progress/--no-progress", default=True, show_default=True,
               help="Show progress bars (on stderr).")
-def build(recipe: Path, workdir: Path | None, only: str | None, fresh: bool, progress: bool):
+@click.option("--push", is_flag=True,
+              help="After the build, push the dataset to the Hub (see `df-hf publish`): to --repo, or the "
+                   "recipe's publish.repo.")
+@click.option("--repo", metavar="ORG/NAME", default=None, help="Hub dataset repo for --push.")
+@click.option("--version", "version", metavar="X.Y.Z", default=None,
+              help="Version tagged on the Hub with --push [default: the recipe's version].")
+def build(recipe: Path, workdir: Path | None, only: str | None, fresh: bool, progress: bool, push: bool,
+          repo: str | None, version: str | None):
     """Build the dataset described by RECIPE (a builders/*.yaml file).
 
     Stages run in the recipe's order: ingest (metadata, keys, metadata filters), fetch (img2dataset
@@ -45,7 +53,7 @@ def build(recipe: Path, workdir: Path | None, only: str | None, fresh: bool, pro
     (Perceptual Fusion: vision experts, priors, prompt, multimodal LLM), publish (Parquet + dataset card
     in WORKDIR/dataset). A build that is interrupted or crashes resumes where it stopped
     when run again; a recipe change that would make finished outputs wrong is refused until you pass
-    --fresh.
+    --fresh. With --push, the dataset is then pushed to the Hub and tagged with its version.
     """
     from densefusion_hf.pipeline import build as run_build, default_workdir
     from densefusion_hf.recipe import load_recipe
@@ -53,6 +61,11 @@ def build(recipe: Path, workdir: Path | None, only: str | None, fresh: bool, pro
 
     loaded = load_recipe(recipe)
     workdir = workdir or default_workdir(loaded)
+    repo = repo or loaded.publish.repo
+    if push and not repo:
+        raise UserError(f"--push needs a Hub repo: pass --repo ORG/NAME or set publish.repo in {recipe}.")
+    if version is not None:
+        _check_version(version)
     results = run_build(loaded, workdir, only=only, fresh=fresh, show_progress=progress)
     click.echo(f"Built {loaded.name} in {workdir}: {', '.join(results)} done.")
     if "publish" in results:
@@ -60,6 +73,114 @@ def build(recipe: Path, workdir: Path | None, only: str | None, fresh: bool, pro
         click.echo(f"Dataset: {folder} ({results['publish'].get('rows_out', 0)} rows). "
                    f"Load it with datasets.load_dataset({str(folder)!r}).")
     click.echo(f"Per-stage counts: df-hf status {workdir}")
+    if push:
+        _push(dataset_folder(loaded, workdir), repo, version=version, private=loaded.publish.private,
+              show_progress=progress)
+
+
+def _check_version(version: str) -> None:
+    if not re.fullmatch(r"\d+\.\d+\.\d+", version):
+        raise UserError(f"--version {version}: expected X.Y.Z, e.g. 1.0.0 (it is tagged v1.0.0).")
+
+
+def _push(folder: Path, repo: str, *, dry_run: bool = False, **options) -> None:
+    from densefusion_hf.hub import plan_push, push
+
+    if dry_run:
+        plan = plan_push(folder, repo, version=options.get("version"), revision=options.get("revision"))
+        click.echo("Dry run, nothing is pushed. " + plan.describe())
+        if plan.tag_exists_at and (plan.upload or plan.delete):
+            click.echo(f"  tag v{plan.version} already exists: the push would be refused (choose a new --version).")
+        elif not options.get("create_pr"):
+            click.echo(f"  tag v{plan.version}" + (" (exists, unchanged)" if plan.tag_exists_at else ""))
+        return
+    done = push(folder, repo, **options)
+    where = done["pr_url"] or f"{done['repo_id']} ({done['revision']})"
+    click.echo(f"Pushed {len(done['uploaded'])} files ({done['uploaded_bytes']:,} bytes) in {done['commits']} "
+               f"commits to {where}; {done['unchanged']} unchanged, {len(done['deleted'])} removed.")
+    if done["tag"]:
+        click.echo(f"Tagged {done['tag']}: datasets.load_dataset({done['repo_id']!r}, revision={done['tag']!r}).")
+    elif done["pr_url"]:
+        click.echo(f"Not tagged: merge the pull request, then publish again to main to tag v{done['version']}.")
+
+
+@cli.command()
+@click.argument("workdir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--repo", metavar="ORG/NAME", required=True, help="Hub dataset repo (created if missing).")
+@click.option("--version", "version", metavar="X.Y.Z", default=None,
+              help="Version to tag (vX.Y.Z) [default: the version the dataset was built with].")
+@click.option("--private", is_flag=True, help="Create the repo private (an existing repo keeps its visibility).")
+@click.option("--revision", metavar="BRANCH", default=None, help="Push to this branch (created from main) "
+                                                                  "instead of main.")
+@click.option("--create-pr", is_flag=True, help="Open a pull request instead of committing to the branch.")
+@click.option("--dry-run", is_flag=True, help="List what would be uploaded, kept and deleted; change nothing.")
+@click.option("--commit-files", type=click.IntRange(min=1), default=None,
+              help="At most this many data files per commit [default: 20].")
+@click.option("--progress/--no-progress", default=True, show_default=True, help="Show progress bars.")
+def publish(workdir: Path, repo: str, version: str | None, private: bool, revision: str | None, create_pr: bool,
+            dry_run: bool, commit_files: int | None, progress: bool):
+    """Push the dataset built in WORKDIR (or a dataset folder) to the Hub dataset repo ORG/NAME.
+
+    Uploads only files that differ from the repo's, in bounded commits (data first, then the card and
+    charts, removing the config's stale files), and tags the version vX.Y.Z so that
+    `load_dataset(repo, config, revision="vX.Y.Z")` loads exactly this data. An interrupted push, run
+    again, uploads only what is missing. The token comes from HF_TOKEN or `hf auth login`; it is never
+    printed. Set HF_ENDPOINT to push to another Hub server.
+    """
+    from densefusion_hf.hub import COMMIT_FILES
+
+    if version is not None:
+        _check_version(version)
+    _push(_dataset_folder_of(workdir), repo, version=version, private=private, revision=revision,
+          create_pr=create_pr, dry_run=dry_run, commit_files=commit_files or COMMIT_FILES, show_progress=progress)
+
+
+def _dataset_folder_of(path: Path) -> Path:
+    """A work directory's dataset folder (as its manifest records it), or ``path`` itself if it is one."""
+    from densefusion_hf.manifest import MANIFEST_NAME, Manifest
+
+    if (path / "assets").is_dir() and (path / "README.md").exists():
+        return path
+    recorded = (Manifest(path).stage("publish") or {}).get("dataset") if (path / MANIFEST_NAME).exists() else None
+    folder = Path(recorded) if recorded else path / "dataset"
+    if not (folder / "assets").is_dir():
+        raise UserError(f"{path}: no published dataset here (looked for {folder}/assets). Build it first with "
+                        f"`df-hf build RECIPE --workdir {path}`.")
+    return folder
+
+
+@cli.group()
+def card():
+    """Render and check dataset cards (README.md) of published dataset folders."""
+
+
+@card.command("render")
+@click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--repo", metavar="ORG/NAME", default=None,
+              help="Write the loading code for this Hub repo instead of the folder's path.")
+@click.option("--version", "version", metavar="X.Y.Z", default=None, help="Version the card names.")
+def card_render(folder: Path, repo: str | None, version: str | None):
+    """Render FOLDER/README.md again from its assets/CONFIG/build.json files (offline)."""
+    from densefusion_hf.cards import render_card
+
+    if version is not None:
+        _check_version(version)
+    card = render_card(folder, load_path=repo, version=version)
+    click.echo(f"Wrote {folder / 'README.md'} ({len(str(card).splitlines())} lines, configs: "
+               f"{', '.join(c['config_name'] for c in card.data.configs)}).")
+
+
+@card.command("check")
+@click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
+def card_check(folder: Path):
+    """Check FOLDER/README.md against the files (offline): the YAML parses, every config's data_files
+    resolve to Parquet files, size_categories, features, row counts and checksums match the data."""
+    from densefusion_hf.cards import check_card
+
+    problems = check_card(folder)
+    if problems:
+        raise UserError(f"{folder / 'README.md'} does not match the data:\n  - " + "\n  - ".join(problems))
+    click.echo(f"{folder / 'README.md'}: the card matches the data.")
 
 
 @cli.command()

@@ -1,0 +1,240 @@
+"""Pushing a published dataset folder to a Hub dataset repo, as one version of one or more configs.
+
+The plan compares the local files with the repo's (SHA-256 of LFS files, git blob ids of the others), so
+a push uploads only what changed; the data goes in bounded commits, then the card, the charts and the
+removal of the config's stale files go in a last commit, and the version is tagged ``vX.Y.Z``.  An
+interrupted push, run again, finds the committed files in place and the uploaded-but-uncommitted ones
+already stored, so it sends only what is missing.  The card is rendered for the repo at push time: it
+lists the repo's other configs too, from their ``assets/CONFIG/build.json``.
+
+Tokens come from huggingface_hub (``HF_TOKEN`` or ``hf auth login``); nothing here prints or logs them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from densefusion_hf.build_info import BUILD_INFO, file_sha256
+from densefusion_hf.cards import CARD, card_for, config_infos
+from densefusion_hf.console import progress
+from densefusion_hf.errors import UserError
+
+# The Hub limits a commit's size; these keep each well inside and bound what a failed commit repeats.
+COMMIT_FILES = 20
+COMMIT_BYTES = 5_000_000_000
+
+
+@dataclass
+class LocalFile:
+    path: str                   # in the repo
+    source: Path | bytes        # what is uploaded
+    size: int
+    sha256: str
+
+
+@dataclass
+class PushPlan:
+    repo_id: str
+    revision: str
+    version: str
+    configs: list[str]
+    upload: list[LocalFile] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)
+    delete: list[str] = field(default_factory=list)
+    repo_exists: bool = True
+    tag_exists_at: str | None = None
+
+    @property
+    def upload_bytes(self) -> int:
+        return sum(f.size for f in self.upload)
+
+    def describe(self) -> str:
+        lines = [f"{', '.join(self.configs)} version {self.version} to "
+                 f"{self.repo_id} ({self.revision}{'' if self.repo_exists else ', a new repo'}):",
+                 f"  upload {len(self.upload)} files ({_size(self.upload_bytes)}), "
+                 f"{len(self.unchanged)} unchanged, delete {len(self.delete)}"]
+        lines += [f"  + {f.path} ({_size(f.size)})" for f in self.upload]
+        lines += [f"  - {path}" for path in self.delete]
+        return "\n".join(lines)
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n} B"
+
+
+def git_blob_id(data: bytes) -> str:
+    """The id git (and the Hub) gives a regular file's content."""
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def _api(token: str | None):
+    from huggingface_hub import HfApi
+
+    return HfApi(token=token)
+
+
+def _remote_files(api, repo_id: str, revision: str) -> dict:
+    """path -> (sha256 of an LFS file or None, git blob id, size) at ``revision``; empty when absent."""
+    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
+    from huggingface_hub.hf_api import RepoFile
+
+    try:
+        entries = api.list_repo_tree(repo_id, repo_type="dataset", revision=revision, recursive=True)
+        return {e.path: (e.lfs.sha256 if e.lfs else None, e.blob_id, e.size)
+                for e in entries if isinstance(e, RepoFile)}
+    except (RepositoryNotFoundError, RevisionNotFoundError):
+        return {}
+
+
+def _local_files(folder: Path, configs: list[str]) -> list[LocalFile]:
+    """Each config's data files and assets (the card is added at push time)."""
+    files = []
+    for config in configs:
+        listed = {f["path"]: f["sha256"] for f in json.loads((folder / "assets" / config / BUILD_INFO).read_text())["files"]}
+        for path in sorted((folder / config).glob("train-*.parquet")) + sorted((folder / "assets" / config).iterdir()):
+            relative = path.relative_to(folder).as_posix()
+            files.append(LocalFile(relative, path, path.stat().st_size, listed.get(relative) or file_sha256(path)))
+    return files
+
+
+def _unchanged(local: LocalFile, remote: tuple | None) -> bool:
+    if remote is None:
+        return False
+    sha256, blob_id, size = remote
+    if sha256 is not None:
+        return sha256 == local.sha256
+    data = local.source if isinstance(local.source, bytes) else Path(local.source).read_bytes()
+    return blob_id == git_blob_id(data)
+
+
+def _remote_infos(api, repo_id: str, revision: str, remote: dict, skip: set[str]) -> list[dict]:
+    """build.json of the repo's other configs, so the card keeps describing them."""
+    from huggingface_hub import hf_hub_download
+
+    infos = []
+    for path in sorted(remote):
+        parts = path.split("/")
+        if len(parts) == 3 and parts[0] == "assets" and parts[2] == BUILD_INFO and parts[1] not in skip:
+            local = hf_hub_download(repo_id, path, repo_type="dataset", revision=revision, token=api.token)
+            infos.append(json.loads(Path(local).read_text(encoding="utf-8")))
+    return infos
+
+
+def plan_push(folder: Path, repo_id: str, *, version: str | None = None, revision: str | None = None,
+              token: str | None = None) -> PushPlan:
+    """What a push of ``folder`` to ``repo_id`` would upload, keep and delete; changes nothing."""
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    folder = Path(folder)
+    infos = config_infos(folder)
+    if not infos:
+        raise UserError(f"{folder}: not a published dataset folder (no assets/*/{BUILD_INFO}). Build it with "
+                        f"`df-hf build RECIPE` first; publish pushes WORKDIR/dataset.")
+    api = _api(token)
+    configs = [info["config"] for info in infos]
+    versions = {info["recipe"]["version"] for info in infos}
+    version = version or max(versions, key=lambda v: tuple(map(int, v.split("."))))
+    branch = revision or "main"
+    try:
+        exists = api.repo_exists(repo_id, repo_type="dataset")
+    except RepositoryNotFoundError:
+        exists = False
+    remote = _remote_files(api, repo_id, branch) if exists else {}
+    others = _remote_infos(api, repo_id, branch, remote, set(configs)) if remote else []
+    card = card_for(infos + others, load_path=repo_id, version=version, on_hub=True)
+    card_bytes = str(card).encode("utf-8")
+    local = _local_files(folder, configs)
+    local.append(LocalFile(CARD, card_bytes, len(card_bytes), hashlib.sha256(card_bytes).hexdigest()))
+    plan = PushPlan(repo_id, branch, version, configs, repo_exists=exists)
+    for item in local:
+        (plan.unchanged.append(item.path) if _unchanged(item, remote.get(item.path)) else plan.upload.append(item))
+    ours = {item.path for item in local}
+    owned = tuple(f"{c}/" for c in configs) + tuple(f"assets/{c}/" for c in configs)
+    plan.delete = sorted(p for p in remote if p.startswith(owned) and p not in ours)
+    if exists:
+        tags = {t.name: t.target_commit for t in api.list_repo_refs(repo_id, repo_type="dataset").tags}
+        plan.tag_exists_at = tags.get(f"v{version}")
+    return plan
+
+
+def _batches(files: list[LocalFile], max_files: int, max_bytes: int) -> list[list[LocalFile]]:
+    batches, current, size = [], [], 0
+    for item in files:
+        if current and (len(current) == max_files or size + item.size > max_bytes):
+            batches.append(current)
+            current, size = [], 0
+        current.append(item)
+        size += item.size
+    return batches + ([current] if current else [])
+
+
+def _hub_error(exc: Exception, repo_id: str) -> UserError:
+    """The server's own message, which names what was wrong; never the request's headers."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    status = exc.response.status_code if isinstance(exc, HfHubHTTPError) and exc.response is not None else None
+    hint = {401: " Log in with `hf auth login` or set HF_TOKEN to a token with write access.",
+            403: f" Your token cannot write to {repo_id}; check the organisation's permissions."}.get(status, "")
+    first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return UserError(f"Pushing to {repo_id} failed: {first_line}.{hint} Files already committed stay; run the "
+                     f"same command again to push only what is missing.")
+
+
+def push(folder: Path, repo_id: str, *, version: str | None = None, private: bool = False,
+         revision: str | None = None, create_pr: bool = False, token: str | None = None,
+         commit_files: int = COMMIT_FILES, commit_bytes: int = COMMIT_BYTES, show_progress: bool = True) -> dict:
+    """Push ``folder`` (a published dataset) to ``repo_id``; returns what was done."""
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete
+    from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        plan = plan_push(folder, repo_id, version=version, revision=revision, token=token)
+        api = _api(token)
+        tag = f"v{plan.version}"
+        if plan.tag_exists_at and (plan.upload or plan.delete):
+            raise UserError(f"{repo_id} already has version {tag} (commit {plan.tag_exists_at[:10]}) and this push "
+                            f"would change it. Publish under a new version (--version, or the recipe's version "
+                            f"field), so that loads of {tag} keep giving the same data.")
+        if not plan.repo_exists:
+            api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
+        if revision and revision != "main":
+            api.create_branch(repo_id, repo_type="dataset", branch=revision, exist_ok=True)
+        data = [f for f in plan.upload if f.path != CARD and not f.path.startswith("assets/")]
+        last = [CommitOperationAdd(f.path, f.source) for f in plan.upload if f not in data]
+        last += [CommitOperationDelete(p) for p in plan.delete]
+        batches = _batches(data, commit_files, commit_bytes)
+        target, pr_url, commits = plan.revision, None, 0
+        with progress(len(batches) + bool(last), "push", "commit", show_progress) as bar:
+            for index, batch in enumerate(batches, 1):
+                info = api.create_commit(
+                    repo_id, [CommitOperationAdd(f.path, f.source) for f in batch], repo_type="dataset",
+                    revision=target, create_pr=create_pr and pr_url is None,
+                    commit_message=f"{', '.join(plan.configs)} {tag}: data, part {index} of {len(batches)}")
+                target, pr_url = info.pr_revision or target, info.pr_url or pr_url
+                commits += 1
+                bar.update(1)
+            if last:
+                info = api.create_commit(repo_id, last, repo_type="dataset", revision=target,
+                                         create_pr=create_pr and pr_url is None,
+                                         commit_message=f"{', '.join(plan.configs)} {tag}: card and assets")
+                target, pr_url = info.pr_revision or target, info.pr_url or pr_url
+                commits += 1
+                bar.update(1)
+        tagged = None
+        # A pull request is tagged once merged: pushing again to main then tags it, uploading nothing.
+        if not create_pr and plan.tag_exists_at is None:
+            api.create_tag(repo_id, repo_type="dataset", tag=tag, revision=target,
+                           tag_message=f"{', '.join(plan.configs)} version {plan.version}")
+            tagged = tag
+    except HfHubHTTPError as exc:
+        raise _hub_error(exc, repo_id) from None
+    return {"repo_id": repo_id, "revision": target, "version": plan.version, "commits": commits,
+            "uploaded": [f.path for f in plan.upload], "uploaded_bytes": plan.upload_bytes,
+            "deleted": plan.delete, "unchanged": len(plan.unchanged), "tag": tagged, "pr_url": pr_url}
