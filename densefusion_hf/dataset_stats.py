@@ -41,7 +41,8 @@ def _summary(values: list[int]) -> dict:
 class PublishedStats:
     """Accumulates over the published tables, one at a time, so the whole dataset is never in memory."""
 
-    def __init__(self):
+    def __init__(self, categories: bool = True):
+        self.count_categories = categories  # without the recipe's categories every row is 'other'
         self.rows = 0
         self.resolutions: Counter = Counter()
         self.categories: Counter = Counter()
@@ -55,8 +56,8 @@ class PublishedStats:
         self.widths += widths
         self.heights += heights
         self.resolutions.update(resolution_bucket(min(w, h)) for w, h in zip(widths, heights))
-        if "category" in table.column_names:
-            self.categories.update(c or "none" for c in table.column("category").to_pylist())
+        if self.count_categories and "category" in table.column_names:
+            self.categories.update(c for c in table.column("category").to_pylist() if c is not None)
         if "caption" in table.column_names:
             for caption in table.column("caption").to_pylist():
                 caption = caption or ""

@@ -141,7 +141,7 @@ class Publish(Stage):
     @staticmethod
     def _measure(ctx: BuildContext, source, shards: list[str], total: int):
         """Pass 1: every row's size in a file, the card's statistics, the prompt versions met."""
-        sizes, stats, prompt_versions = [], PublishedStats(), set()
+        sizes, stats, prompt_versions = [], PublishedStats(bool(ctx.recipe.select.categories)), set()
         with progress(total, "publish: measure", "row", ctx.show_progress) as bar:
             for shard in shards:
                 table = with_images(ctx, source.read(shard), shard)
