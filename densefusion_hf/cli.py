@@ -89,7 +89,7 @@ def _push(folder: Path, repo: str, *, dry_run: bool = False, **options) -> None:
     if dry_run:
         plan = plan_push(folder, repo, version=options.get("version"), revision=options.get("revision"))
         click.echo("Dry run, nothing is pushed. " + plan.describe())
-        if plan.tag_exists_at and (plan.upload or plan.delete):
+        if plan.changes_tagged:
             click.echo(f"  tag v{plan.version} already exists: the push would be refused (choose a new --version).")
         elif not options.get("create_pr"):
             click.echo(f"  tag v{plan.version}" + (" (exists, unchanged)" if plan.tag_exists_at else ""))

@@ -46,6 +46,7 @@ class PushPlan:
     delete: list[str] = field(default_factory=list)
     repo_exists: bool = True
     tag_exists_at: str | None = None
+    changes_tagged: bool = False     # the push would give the existing version other data
 
     @property
     def upload_bytes(self) -> int:
@@ -161,6 +162,11 @@ def plan_push(folder: Path, repo_id: str, *, version: str | None = None, revisio
     if exists:
         tags = {t.name: t.target_commit for t in api.list_repo_refs(repo_id, repo_type="dataset").tags}
         plan.tag_exists_at = tags.get(f"v{version}")
+    if plan.tag_exists_at:
+        # The card may mention configs pushed since; the version's own data and assets must not change.
+        tagged = _remote_files(api, repo_id, plan.tag_exists_at)
+        plan.changes_tagged = (any(not _unchanged(f, tagged.get(f.path)) for f in local if f.path != CARD)
+                               or any(p.startswith(owned) and p not in ours for p in tagged))
     return plan
 
 
@@ -198,7 +204,7 @@ def push(folder: Path, repo_id: str, *, version: str | None = None, private: boo
         plan = plan_push(folder, repo_id, version=version, revision=revision, token=token)
         api = _api(token)
         tag = f"v{plan.version}"
-        if plan.tag_exists_at and (plan.upload or plan.delete):
+        if plan.changes_tagged:
             raise UserError(f"{repo_id} already has version {tag} (commit {plan.tag_exists_at[:10]}) and this push "
                             f"would change it. Publish under a new version (--version, or the recipe's version "
                             f"field), so that loads of {tag} keep giving the same data.")

@@ -17,6 +17,8 @@ from PIL import Image
 
 from densefusion_hf.sample.server import SampleServer
 
+pytest_plugins = ["tests.hub_fixtures"]
+
 REPO = Path(__file__).resolve().parents[1]
 DEMO_RECIPE = REPO / "builders" / "demo.yaml"
 
@@ -95,7 +97,7 @@ def write_recipe(path: Path, recipe: dict) -> Path:
 
 def run_cli(*args: str, timeout: float = 600, **kwargs) -> subprocess.CompletedProcess:
     """``df-hf ARGS`` in a child process, as a user runs it."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env = dict(kwargs.pop("env", os.environ), PYTHONUNBUFFERED="1")
     return subprocess.run([sys.executable, "-m", "densefusion_hf", *args], capture_output=True, text=True,
                           timeout=timeout, env=env, cwd=kwargs.pop("cwd", REPO), **kwargs)
 
