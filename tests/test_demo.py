@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import yaml
 from PIL import Image
 
+from densefusion_hf.cards import check_card
 from densefusion_hf.shards import StageDir
 from tests.conftest import DEMO_RECIPE, REPO, run_cli
 
@@ -49,7 +50,7 @@ def test_card_yaml_matches_the_files(demo_build):
     assert files and all(f.suffix == ".parquet" for f in files)
     n = len(files)
     assert [f.name for f in files] == [f"train-{i:05d}-of-{n:05d}.parquet" for i in range(n)]
-    info = meta["dataset_info"]
+    (info,) = meta["dataset_info"]
     rows = sum(pq.read_metadata(f).num_rows for f in files)
     assert info["splits"][0]["num_examples"] == rows
     assert info["download_size"] == sum(f.stat().st_size for f in files)
@@ -57,6 +58,10 @@ def test_card_yaml_matches_the_files(demo_build):
     assert declared == datasets.load_dataset(str(folder), split="train").features
     assert meta["size_categories"] == ["n<1K"]
     assert "failed_to_download" in text and "too_small" in text  # the drop table
+    # the caption statistics (paper Table 1's measures), the models, the charts, and a clean check
+    assert "| words |" in text and "| sentences |" in text and "captioner (template engine)" in text
+    assert (folder / "assets" / "densefusion-demo" / "categories.png").exists()
+    assert check_card(folder) == []
 
 
 def test_demo_shows_every_kind_of_drop(demo_build):
