@@ -8,6 +8,7 @@ command line does not pay for torch and datasets before it needs them.
 __version__ = "0.1.0"
 
 _LOADING = ("load_dataset", "stream", "dataloader")
+__all__ = ["__version__", *_LOADING]
 
 
 def __getattr__(name: str):

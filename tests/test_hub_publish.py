@@ -197,3 +197,27 @@ def test_build_push_and_clear_errors(demo_build, fake_hub, hub_env):
     assert bad.returncode == 1 and "--version 1.0: expected X.Y.Z" in bad.stderr
     nothing = publish(hub_env, demo_build / "ingest")
     assert nothing.returncode == 1 and "no published dataset here" in nothing.stderr
+
+
+def test_short_name_streams_the_published_version_into_a_dataloader(demo_build, fake_hub, hub_env, tmp_path):
+    assert publish(hub_env, demo_build).returncode == 0
+    registry = tmp_path / "registry.json"
+    registry.write_text(json.dumps({"densefusion-demo": {"repo": REPO_ID, "config": CONFIG}}))
+    env = dict(hub_env, DENSEFUSION_HF_REGISTRY=str(registry))
+    code = textwrap.dedent("""
+        import json, densefusion_hf
+        ds = densefusion_hf.load_dataset("densefusion-demo", split="train", revision="v0.1.0")
+        stream = densefusion_hf.stream("densefusion-demo", revision="v0.1.0", shuffle_buffer=8, seed=1)
+        stream.set_epoch(1)
+        loader = densefusion_hf.dataloader(stream, batch_size=4, image_size=32, num_workers=2)
+        shapes, captions = set(), []
+        for images, texts in loader:
+            shapes.add(tuple(images.shape[1:]))
+            captions += texts
+            assert 0.0 <= float(images.min()) and float(images.max()) <= 1.0
+        print(json.dumps({"rows": ds.num_rows, "shapes": sorted(shapes), "captions": sorted(captions)}))
+    """)
+    found = json.loads(run_python(code, env).stdout.strip().splitlines()[-1])
+    expected = sorted(caption for _, caption, _ in local_rows(demo_build / "dataset"))
+    assert found["rows"] == len(expected) == 18
+    assert found["shapes"] == [[3, 32, 32]] and found["captions"] == expected
