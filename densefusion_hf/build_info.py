@@ -31,11 +31,12 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def describe_files(folder: Path, paths: list[Path]) -> list[dict]:
-    """Each data file's path in the repo, rows, size and SHA-256: the card lists them, so the card (which
-    ``datasets`` fingerprints) changes whenever the data does."""
+def describe_files(folder: Path, paths: list[Path], sha256s: list[str] | None = None) -> list[dict]:
+    """Each data file's path in the repo, rows, size and SHA-256 (computed unless given): the card lists
+    them, so the card (which ``datasets`` fingerprints) changes whenever the data does."""
+    sha256s = sha256s or [file_sha256(p) for p in paths]
     return [{"path": p.relative_to(folder).as_posix(), "rows": pq.ParquetFile(p).metadata.num_rows,
-             "bytes": p.stat().st_size, "sha256": file_sha256(p)} for p in paths]
+             "bytes": p.stat().st_size, "sha256": digest} for p, digest in zip(paths, sha256s)]
 
 
 def _model_name(model: str | None) -> str | None:

@@ -181,6 +181,17 @@ def _batches(files: list[LocalFile], max_files: int, max_bytes: int) -> list[lis
     return batches + ([current] if current else [])
 
 
+def _addition(item: LocalFile):
+    """The upload of one file, with the SHA-256 publish already computed (huggingface_hub would read the
+    file once more for it; a file changed since is refused by the server's check)."""
+    from huggingface_hub import CommitOperationAdd
+
+    operation = CommitOperationAdd(item.path, item.source)
+    if not isinstance(item.source, bytes):
+        operation.upload_info.sha256 = bytes.fromhex(item.sha256)
+    return operation
+
+
 def _hub_error(exc: Exception, repo_id: str) -> UserError:
     """The server's own message, which names what was wrong; never the request's headers."""
     from huggingface_hub.errors import HfHubHTTPError
@@ -197,7 +208,7 @@ def push(folder: Path, repo_id: str, *, version: str | None = None, private: boo
          revision: str | None = None, create_pr: bool = False, token: str | None = None,
          commit_files: int = COMMIT_FILES, commit_bytes: int = COMMIT_BYTES, show_progress: bool = True) -> dict:
     """Push ``folder`` (a published dataset) to ``repo_id``; returns what was done."""
-    from huggingface_hub import CommitOperationAdd, CommitOperationDelete
+    from huggingface_hub import CommitOperationDelete
     from huggingface_hub.errors import HfHubHTTPError
 
     try:
@@ -212,26 +223,29 @@ def push(folder: Path, repo_id: str, *, version: str | None = None, private: boo
             api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
         if revision and revision != "main":
             api.create_branch(repo_id, repo_type="dataset", branch=revision, exist_ok=True)
+        ops = {f.path: _addition(f) for f in plan.upload}
+        # One preupload for every large file: parallel uploads, and an interrupted push keeps what was sent.
+        large = [ops[f.path] for f in plan.upload if not isinstance(f.source, bytes)]
+        if large:
+            api.preupload_lfs_files(repo_id, large, repo_type="dataset", revision=plan.revision)
         data = [f for f in plan.upload if f.path != CARD and not f.path.startswith("assets/")]
-        last = [CommitOperationAdd(f.path, f.source) for f in plan.upload if f not in data]
-        last += [CommitOperationDelete(p) for p in plan.delete]
-        batches = _batches(data, commit_files, commit_bytes)
-        target, pr_url, commits = plan.revision, None, 0
-        with progress(len(batches) + bool(last), "push", "commit", show_progress) as bar:
-            for index, batch in enumerate(batches, 1):
-                info = api.create_commit(
-                    repo_id, [CommitOperationAdd(f.path, f.source) for f in batch], repo_type="dataset",
-                    revision=target, create_pr=create_pr and pr_url is None,
-                    commit_message=f"{', '.join(plan.configs)} {tag}: data, part {index} of {len(batches)}")
-                target, pr_url = info.pr_revision or target, info.pr_url or pr_url
-                commits += 1
-                bar.update(1)
-            if last:
-                info = api.create_commit(repo_id, last, repo_type="dataset", revision=target,
-                                         create_pr=create_pr and pr_url is None,
-                                         commit_message=f"{', '.join(plan.configs)} {tag}: card and assets")
-                target, pr_url = info.pr_revision or target, info.pr_url or pr_url
-                commits += 1
+        deletions = [CommitOperationDelete(p) for p in plan.delete]
+        if len(data) <= commit_files and sum(f.size for f in data) <= commit_bytes:
+            commits = [([ops[f.path] for f in plan.upload] + deletions, f"{', '.join(plan.configs)} {tag}")]
+        else:
+            batches = _batches(data, commit_files, commit_bytes)
+            commits = [([ops[f.path] for f in batch], f"{', '.join(plan.configs)} {tag}: data, part {index} of "
+                                                       f"{len(batches)}") for index, batch in enumerate(batches, 1)]
+            commits.append(([ops[f.path] for f in plan.upload if f not in data] + deletions,
+                            f"{', '.join(plan.configs)} {tag}: card and assets"))
+        target, pr_url, made = plan.revision, None, 0
+        with progress(len(commits), "push", "commit", show_progress) as bar:
+            for operations, message in commits:
+                if operations:
+                    info = api.create_commit(repo_id, operations, repo_type="dataset", revision=target,
+                                             create_pr=create_pr and pr_url is None, commit_message=message)
+                    target, pr_url = info.pr_revision or target, info.pr_url or pr_url
+                    made += 1
                 bar.update(1)
         tagged = None
         # A pull request is tagged once merged: pushing again to main then tags it, uploading nothing.
@@ -241,6 +255,6 @@ def push(folder: Path, repo_id: str, *, version: str | None = None, private: boo
             tagged = tag
     except HfHubHTTPError as exc:
         raise _hub_error(exc, repo_id) from None
-    return {"repo_id": repo_id, "revision": target, "version": plan.version, "commits": commits,
+    return {"repo_id": repo_id, "revision": target, "version": plan.version, "commits": made,
             "uploaded": [f.path for f in plan.upload], "uploaded_bytes": plan.upload_bytes,
             "deleted": plan.delete, "unchanged": len(plan.unchanged), "tag": tagged, "pr_url": pr_url}

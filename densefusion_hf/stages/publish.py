@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import datasets
@@ -28,7 +29,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from datasets.arrow_writer import get_parquet_column_options
 
-from densefusion_hf.build_info import assets_dir, build_info, describe_files, write_build_info
+from densefusion_hf.build_info import assets_dir, build_info, describe_files, file_sha256, write_build_info
 from densefusion_hf.cards import render_card, write_charts
 from densefusion_hf.console import progress
 from densefusion_hf.dataset_stats import PublishedStats
@@ -154,11 +155,13 @@ class Publish(Stage):
 
     @staticmethod
     def _write(ctx: BuildContext, rows: _RowStream, folder: Path, features: datasets.Features,
-               sizes: list[int], ranges: list[tuple[int, int]]) -> tuple[list[Path], int]:
-        """Pass 2: the Parquet files, row group by row group; returns their paths and the Arrow bytes."""
+               sizes: list[int], ranges: list[tuple[int, int]]) -> tuple[list[Path], list[str], int]:
+        """Pass 2: the Parquet files, row group by row group; returns their paths, their SHA-256 and the
+        Arrow bytes.  Each file is hashed on another thread while the next one is written."""
         settings, schema = ctx.recipe.publish, features.arrow_schema
-        paths, num_bytes = [], 0
-        with progress(len(sizes), "publish: write", "row", ctx.show_progress) as bar:
+        paths, digests, num_bytes = [], [], 0
+        with progress(len(sizes), "publish: write", "row", ctx.show_progress) as bar, \
+                ThreadPoolExecutor(1) as hasher:
             for index, (start, stop) in enumerate(ranges):
                 path = folder / f"train-{index:05d}-of-{len(ranges):05d}.parquet"
                 with parquet_writer(path, features) as writer:
@@ -170,7 +173,8 @@ class Publish(Stage):
                         num_bytes += part.nbytes
                         bar.update(count)
                 paths.append(path)
-        return paths, num_bytes
+                digests.append(hasher.submit(file_sha256, path))
+            return paths, [d.result() for d in digests], num_bytes
 
     def run(self, ctx: BuildContext, upstream: str | None) -> dict:
         recipe, bookkeeping = ctx.recipe, ctx.stage_dir(self.name)
@@ -193,13 +197,13 @@ class Publish(Stage):
         sizes, stats, prompt_versions = self._measure(ctx, source, shards, total)
         ranges = plan_shards(sizes, round(recipe.publish.max_shard_mb * _MB), recipe.publish.min_shards)
         features = published_features(self._upstream_schema(source, shards))
-        paths, num_bytes = self._write(ctx, _RowStream(ctx, source, shards), staging / config, features,
-                                       sizes, ranges)
+        paths, digests, num_bytes = self._write(ctx, _RowStream(ctx, source, shards), staging / config,
+                                                features, sizes, ranges)
 
         selection = ctx.stage_dir("select").path / "summary.json"
         info = build_info(recipe, features=features.to_dict(), stages=[stage_summary(ctx.workdir, s) for s in recipe.stages if s != self.name],
                           selection=json.loads(selection.read_text()) if selection.exists() else None,
-                          stats=stats, files=describe_files(staging, paths), num_bytes=num_bytes,
+                          stats=stats, files=describe_files(staging, paths, digests), num_bytes=num_bytes,
                           prompt_versions=prompt_versions)
         write_build_info(staging, info)
         write_charts(assets_dir(staging, config), stats)
