@@ -389,8 +389,8 @@ def main(argv: list[str] | None = None) -> int:
 
         def line(name, r):
             return (f"{name:9s} {r['seconds']:6.2f}s  {rows / r['seconds']:7.1f} images/s  "
-                    f"{mb / r['seconds']:6.1f} MB/s  (uploaded {r['lfs_uploads']} LFS files, {r['lfs_bytes'] / 1e6:.1f} MB, {r['commits']} "
-                    f"commits, {r['requests']} requests)")
+                    f"{mb / r['seconds']:6.1f} MB/s  (uploaded {r['lfs_uploads']} LFS files, "
+                    f"{r['lfs_bytes'] / 1e6:.1f} MB, {r['commits']} commits, {r['requests']} requests)")
 
         print(f"\n{rows} images, {mb:.1f} MB of image bytes, shards <= {args.shard_mb:g} MB: ours "
               f"{ours[0]['shards']} Parquet files, the baseline {base[0]['shards']}"

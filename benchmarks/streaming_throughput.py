@@ -267,7 +267,8 @@ def main(argv: list[str] | None = None) -> int:
           f"({t_limit:.2f}s)")
     print(f"stream + dataloader, {args.workers} workers, whole pass:              {n / t_ours:8.1f} images/s "
           f"({t_ours:.2f}s, first batch after {first:.2f}s)")
-    print(f"  context: the same collate in {args.workers} started processes, no loading:   {n / t_ceiling:8.1f} images/s "
+    print(f"  context: the same collate in {args.workers} started processes, no loading:   "
+          f"{n / t_ceiling:8.1f} images/s "
           f"(what this machine allows now; ours is {t_ceiling / t_ours:.0%} of it)")
     print(f"  context: the same with dtype=torch.uint8 (0..255, a quarter of the bytes to hand over): "
           f"{n / t_uint8:.1f} images/s")

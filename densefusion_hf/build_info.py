@@ -97,7 +97,3 @@ def write_build_info(folder: Path, info: dict) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(info, indent=1, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
     return path
-
-
-def read_build_info(folder: Path, config: str) -> dict:
-    return json.loads((assets_dir(folder, config) / BUILD_INFO).read_text(encoding="utf-8"))

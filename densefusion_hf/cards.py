@@ -57,14 +57,16 @@ FIELD_MEANINGS = {
 
 _SIZE_CATEGORIES = [(1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"),
                     (1_000_000, "100K<n<1M"), (10_000_000, "1M<n<10M"), (100_000_000, "10M<n<100M"),
-                    (1_000_000_000, "100M<n<1B")]
+                    (10 ** 9, "100M<n<1B"), (10 ** 10, "1B<n<10B"), (10 ** 11, "10B<n<100B"),
+                    (10 ** 12, "100B<n<1T")]
 
 
 def size_category(rows: int) -> str:
+    """The Hub's size_categories value for a row count."""
     for bound, name in _SIZE_CATEGORIES:
         if rows < bound:
             return name
-    return "n>1T" if rows >= 10 ** 12 else "1B<n<10B"
+    return "n>1T"
 
 
 def data_pattern(config: str) -> str:
@@ -106,7 +108,8 @@ def _config_view(info: dict) -> dict:
                         if info["stats"].get(name)})
 
 
-def card_for(infos: list[dict], *, load_path: str, version: str | None = None, on_hub: bool = False) -> DatasetCard:
+def card_for(infos: list[dict], *, load_path: str, version: str | None = None,
+             on_hub: bool = False) -> DatasetCard:
     """The card of a folder or repo holding these configs; the first one is the one described first."""
     if not infos:
         raise UserError("A dataset card needs at least one config (no assets/*/build.json found).")
@@ -118,8 +121,8 @@ def card_for(infos: list[dict], *, load_path: str, version: str | None = None, o
         task_categories=["image-to-text", "text-to-image"],
         size_categories=[size_category(rows)],
         tags=TAGS,
-        configs=[{"config_name": info["config"], "data_files": [{"split": "train", "path": data_pattern(info["config"])}]}
-                 for info in infos],
+        configs=[{"config_name": info["config"],
+                  "data_files": [{"split": "train", "path": data_pattern(info["config"])}]} for info in infos],
         dataset_info=[dataset_info_yaml(info) for info in infos],
     )
     return DatasetCard.from_template(

@@ -55,7 +55,7 @@ def build(recipe: Path, workdir: Path | None, only: str | None, fresh: bool, pro
     when run again; a recipe change that would make finished outputs wrong is refused until you pass
     --fresh. With --push, the dataset is then pushed to the Hub and tagged with its version.
     """
-    from densefusion_hf.pipeline import build as run_build, default_workdir
+    from densefusion_hf.pipeline import build as run_build, default_workdir, parse_only
     from densefusion_hf.recipe import load_recipe
     from densefusion_hf.stages.publish import dataset_folder
 
@@ -64,6 +64,8 @@ def build(recipe: Path, workdir: Path | None, only: str | None, fresh: bool, pro
     repo = repo or loaded.publish.repo
     if push and not repo:
         raise UserError(f"--push needs a Hub repo: pass --repo ORG/NAME or set publish.repo in {recipe}.")
+    if push and "publish" not in parse_only(only, loaded):
+        raise UserError("--push pushes what this build publishes: include publish in --only (or drop --only).")
     if version is not None:
         _check_version(version)
     results = run_build(loaded, workdir, only=only, fresh=fresh, show_progress=progress)

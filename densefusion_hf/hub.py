@@ -46,6 +46,7 @@ class PushPlan:
     delete: list[str] = field(default_factory=list)
     repo_exists: bool = True
     tag_exists_at: str | None = None
+    head: str | None = None          # the commit the plan was made against
     changes_tagged: bool = False     # the push would give the existing version other data
 
     @property
@@ -67,7 +68,6 @@ def _size(n: int) -> str:
         if n < 1000 or unit == "GB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1000
-    return f"{n} B"
 
 
 def git_blob_id(data: bytes) -> str:
@@ -94,14 +94,20 @@ def _remote_files(api, repo_id: str, revision: str) -> dict:
         return {}
 
 
-def _local_files(folder: Path, configs: list[str]) -> list[LocalFile]:
-    """Each config's data files and assets (the card is added at push time)."""
+def _local_files(folder: Path, infos: list[dict]) -> list[LocalFile]:
+    """Each config's data files and assets (the card is added at push time).  A data file's SHA-256 comes
+    from build.json unless its size no longer matches, in which case it is hashed again."""
     files = []
-    for config in configs:
-        listed = {f["path"]: f["sha256"] for f in json.loads((folder / "assets" / config / BUILD_INFO).read_text())["files"]}
-        for path in sorted((folder / config).glob("train-*.parquet")) + sorted((folder / "assets" / config).iterdir()):
-            relative = path.relative_to(folder).as_posix()
-            files.append(LocalFile(relative, path, path.stat().st_size, listed.get(relative) or file_sha256(path)))
+    for info in infos:
+        config = info["config"]
+        listed = {f["path"]: f for f in info["files"]}
+        paths = sorted((folder / config).glob("train-*.parquet")) + \
+            sorted(p for p in (folder / "assets" / config).iterdir() if p.is_file())
+        for path in paths:
+            relative, size = path.relative_to(folder).as_posix(), path.stat().st_size
+            known = listed.get(relative)
+            digest = known["sha256"] if known and known["bytes"] == size else file_sha256(path)
+            files.append(LocalFile(relative, path, size, digest))
     return files
 
 
@@ -116,8 +122,9 @@ def _unchanged(local: LocalFile, remote: tuple | None) -> bool:
 
 
 def _remote_infos(api, repo_id: str, revision: str, remote: dict, skip: set[str]) -> list[dict]:
-    """build.json of the repo's other configs, so the card keeps describing them."""
-    from huggingface_hub import hf_hub_download
+    """build.json of the repo's other configs, so the card keeps describing them.  Configs the repo's card
+    lists without one (made by another tool) would vanish from the card: refused, with the reason."""
+    from huggingface_hub import DatasetCard, hf_hub_download
 
     infos = []
     for path in sorted(remote):
@@ -125,6 +132,16 @@ def _remote_infos(api, repo_id: str, revision: str, remote: dict, skip: set[str]
         if len(parts) == 3 and parts[0] == "assets" and parts[2] == BUILD_INFO and parts[1] not in skip:
             local = hf_hub_download(repo_id, path, repo_type="dataset", revision=revision, token=api.token)
             infos.append(json.loads(Path(local).read_text(encoding="utf-8")))
+    if CARD in remote:
+        card = DatasetCard.load(hf_hub_download(repo_id, CARD, repo_type="dataset", revision=revision,
+                                                token=api.token))
+        known = skip | {info["config"] for info in infos}
+        foreign = sorted(c.get("config_name", "default") for c in card.data.to_dict().get("configs") or []
+                         if c.get("config_name", "default") not in known)
+        if foreign:
+            raise UserError(f"{repo_id} ({revision}) has configs that were not published by df-hf "
+                            f"({', '.join(foreign)}: no assets/CONFIG/{BUILD_INFO}); the card this push writes "
+                            f"would no longer list them. Push to another repo, or remove those configs first.")
     return infos
 
 
@@ -147,21 +164,26 @@ def plan_push(folder: Path, repo_id: str, *, version: str | None = None, revisio
         exists = api.repo_exists(repo_id, repo_type="dataset")
     except RepositoryNotFoundError:
         exists = False
-    remote = _remote_files(api, repo_id, branch) if exists else {}
-    others = _remote_infos(api, repo_id, branch, remote, set(configs)) if remote else []
-    card = card_for(infos + others, load_path=repo_id, version=version, on_hub=True)
+    refs = api.list_repo_refs(repo_id, repo_type="dataset") if exists else None
+    # A new branch starts from main: plan against main's files, which it will hold.
+    base = branch if refs is None or branch in {b.name for b in refs.branches} else "main"
+    remote = _remote_files(api, repo_id, base) if exists else {}
+    others = _remote_infos(api, repo_id, base, remote, set(configs)) if remote else []
+    # Configs in name order: the card (its title comes from the first) does not change with push order.
+    card = card_for(sorted(infos + others, key=lambda i: i["config"]), load_path=repo_id, version=version,
+                    on_hub=True)
     card_bytes = str(card).encode("utf-8")
-    local = _local_files(folder, configs)
+    local = _local_files(folder, infos)
     local.append(LocalFile(CARD, card_bytes, len(card_bytes), hashlib.sha256(card_bytes).hexdigest()))
     plan = PushPlan(repo_id, branch, version, configs, repo_exists=exists)
+    plan.head = api.dataset_info(repo_id, revision=base).sha if exists else None
     for item in local:
         (plan.unchanged.append(item.path) if _unchanged(item, remote.get(item.path)) else plan.upload.append(item))
     ours = {item.path for item in local}
     owned = tuple(f"{c}/" for c in configs) + tuple(f"assets/{c}/" for c in configs)
     plan.delete = sorted(p for p in remote if p.startswith(owned) and p not in ours)
-    if exists:
-        tags = {t.name: t.target_commit for t in api.list_repo_refs(repo_id, repo_type="dataset").tags}
-        plan.tag_exists_at = tags.get(f"v{version}")
+    if refs is not None:
+        plan.tag_exists_at = {t.name: t.target_commit for t in refs.tags}.get(f"v{version}")
     if plan.tag_exists_at:
         # The card may mention configs pushed since; the version's own data and assets must not change.
         tagged = _remote_files(api, repo_id, plan.tag_exists_at)
@@ -190,6 +212,11 @@ def _addition(item: LocalFile):
     if not isinstance(item.source, bytes):
         operation.upload_info.sha256 = bytes.fromhex(item.sha256)
     return operation
+
+
+def _is_network_error(exc: Exception) -> bool:
+    """A connection or timeout error of the HTTP client huggingface_hub uses (httpx or its fork)."""
+    return type(exc).__module__.split(".")[0] in {"httpx", "httpx2", "httpcore"}
 
 
 def _hub_error(exc: Exception, repo_id: str) -> UserError:
@@ -238,23 +265,28 @@ def push(folder: Path, repo_id: str, *, version: str | None = None, private: boo
                                                        f"{len(batches)}") for index, batch in enumerate(batches, 1)]
             commits.append(([ops[f.path] for f in plan.upload if f not in data] + deletions,
                             f"{', '.join(plan.configs)} {tag}: card and assets"))
-        target, pr_url, made = plan.revision, None, 0
+        target, pr_url, made, head = plan.revision, None, 0, plan.head
         with progress(len(commits), "push", "commit", show_progress) as bar:
             for operations, message in commits:
                 if operations:
+                    # The first commit must follow the head the plan was made against (no push in between).
                     info = api.create_commit(repo_id, operations, repo_type="dataset", revision=target,
-                                             create_pr=create_pr and pr_url is None, commit_message=message)
-                    target, pr_url = info.pr_revision or target, info.pr_url or pr_url
+                                             create_pr=create_pr and pr_url is None, commit_message=message,
+                                             parent_commit=None if create_pr or made else head)
+                    target, pr_url, head = info.pr_revision or target, info.pr_url or pr_url, info.oid
                     made += 1
                 bar.update(1)
         tagged = None
         # A pull request is tagged once merged: pushing again to main then tags it, uploading nothing.
         if not create_pr and plan.tag_exists_at is None:
-            api.create_tag(repo_id, repo_type="dataset", tag=tag, revision=target,
+            head = head or api.dataset_info(repo_id, revision=target).sha  # a new repo: its first commit
+            api.create_tag(repo_id, repo_type="dataset", tag=tag, revision=head,
                            tag_message=f"{', '.join(plan.configs)} version {plan.version}")
             tagged = tag
-    except HfHubHTTPError as exc:
-        raise _hub_error(exc, repo_id) from None
+    except Exception as exc:
+        if isinstance(exc, (HfHubHTTPError, OSError)) or _is_network_error(exc):
+            raise _hub_error(exc, repo_id) from None
+        raise
     return {"repo_id": repo_id, "revision": target, "version": plan.version, "commits": made,
             "uploaded": [f.path for f in plan.upload], "uploaded_bytes": plan.upload_bytes,
             "deleted": plan.delete, "unchanged": len(plan.unchanged), "tag": tagged, "pr_url": pr_url}

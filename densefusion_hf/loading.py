@@ -336,6 +336,12 @@ def dataloader(dataset, batch_size: int, *, image_size: int = 224, num_workers: 
             raise UserError("stateful=True needs torchdata (pip install torchdata) for StatefulDataLoader.")
     if loader_class is None:
         from torch.utils.data import DataLoader as loader_class
+    features = getattr(dataset, "features", None)
+    missing = [c for c in (image_column, caption_column) if features is not None and c not in features]
+    if missing:  # caught here, not as a KeyError inside a worker process
+        raise UserError(f"the dataset has no column {', '.join(map(repr, missing))} (its columns: "
+                        f"{', '.join(features)}); pass caption_column= / image_column= (e.g. "
+                        f"caption_column='text' for the alt text).")
     collate = ImageCaptionCollate(image_size, caption_column, image_column, dtype)
     with warnings.catch_warnings():
         # torchdata 0.11 calls torch.set_vital, which torch 2.14 deprecates with a warning on every loader.

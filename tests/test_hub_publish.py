@@ -167,7 +167,7 @@ def test_a_second_config_joins_the_repo_and_stale_files_go(demo_build, fake_hub,
 
 def test_branch_pull_request_and_private_repo(demo_build, fake_hub, hub_env):
     branch = publish(hub_env, demo_build, "--revision", "dev", "--private")
-    assert branch.returncode == 0, branch.stderr and "(dev)" in branch.stdout
+    assert branch.returncode == 0 and "(dev)" in branch.stdout, branch.stderr
     assert load_rows(hub_env, "dev") == local_rows(demo_build / "dataset")
     private = run_python(f"from huggingface_hub import HfApi; print(HfApi().dataset_info({REPO_ID!r}).private)",
                          hub_env).stdout.strip()
@@ -221,3 +221,34 @@ def test_short_name_streams_the_published_version_into_a_dataloader(demo_build, 
     expected = sorted(caption for _, caption, _ in local_rows(demo_build / "dataset"))
     assert found["rows"] == len(expected) == 18
     assert found["shapes"] == [[3, 32, 32]] and found["captions"] == expected
+
+
+def test_a_new_branch_is_planned_against_main_and_foreign_configs_are_kept_safe(demo_build, fake_hub, hub_env,
+                                                                               tmp_path):
+    source = demo_build / "dataset"
+    assert publish(hub_env, demo_build).returncode == 0
+    # The same config rebuilt into one file, pushed to a new branch: main's two old files must go there.
+    smaller = _as_config(source, tmp_path / "smaller", CONFIG, "0.4.0", keep=1)
+    dry = publish(hub_env, smaller, "--revision", "dev", "--dry-run").stdout
+    assert f"- {CONFIG}/train-00000-of-00002.parquet" in dry and f"- {CONFIG}/train-00001-of-00002.parquet" in dry
+    assert publish(hub_env, smaller, "--revision", "dev").returncode == 0
+    assert load_rows(hub_env, "v0.4.0") == local_rows(smaller)
+    assert load_rows(hub_env, "v0.1.0") == local_rows(source)
+
+    # A repo whose card lists a config df-hf did not publish: the push would drop it from the card.
+    code = textwrap.dedent(f"""
+        from huggingface_hub import HfApi
+        card = "---\\nconfigs:\\n- config_name: theirs\\n  data_files: theirs/*.parquet\\n---\\n# Theirs\\n"
+        HfApi().create_repo("tester/theirs", repo_type="dataset")
+        HfApi().upload_file(path_or_fileobj=card.encode(), path_in_repo="README.md", repo_id="tester/theirs",
+                            repo_type="dataset")
+    """)
+    run_python(code, hub_env)
+    refused = run_cli("publish", str(demo_build), "--repo", "tester/theirs", "--no-progress", env=hub_env)
+    assert refused.returncode == 1 and "not published by df-hf (theirs" in refused.stderr
+
+
+def test_build_push_needs_the_publish_stage(demo_build, hub_env):
+    result = run_cli("build", str(DEMO_RECIPE), "--workdir", str(demo_build), "--only", "caption", "--push",
+                     "--repo", REPO_ID, "--no-progress", env=hub_env)
+    assert result.returncode == 1 and "include publish in --only" in result.stderr

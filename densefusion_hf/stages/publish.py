@@ -29,7 +29,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from datasets.arrow_writer import get_parquet_column_options
 
-from densefusion_hf.build_info import assets_dir, build_info, describe_files, file_sha256, write_build_info
+from densefusion_hf.build_info import (assets_dir, build_info, describe_files, file_sha256,
+                                       write_build_info)
 from densefusion_hf.cards import render_card, write_charts
 from densefusion_hf.console import progress
 from densefusion_hf.dataset_stats import PublishedStats
@@ -201,7 +202,8 @@ class Publish(Stage):
                                                 features, sizes, ranges)
 
         selection = ctx.stage_dir("select").path / "summary.json"
-        info = build_info(recipe, features=features.to_dict(), stages=[stage_summary(ctx.workdir, s) for s in recipe.stages if s != self.name],
+        stages = [stage_summary(ctx.workdir, s) for s in recipe.stages if s != self.name]
+        info = build_info(recipe, features=features.to_dict(), stages=stages,
                           selection=json.loads(selection.read_text()) if selection.exists() else None,
                           stats=stats, files=describe_files(staging, paths, digests), num_bytes=num_bytes,
                           prompt_versions=prompt_versions)
