@@ -73,7 +73,8 @@ def build(recipe: Path, workdir: Path | None, only: str | None, fresh: bool, pro
     if "publish" in results:
         folder = dataset_folder(loaded, workdir)
         click.echo(f"Dataset: {folder} ({results['publish'].get('rows_out', 0)} rows). "
-                   f"Load it with datasets.load_dataset({str(folder)!r}).")
+                   f"Load it with datasets.load_dataset({str(folder)!r}, {loaded.config_name!r}); "
+                   f"check its card with df-hf card check {folder}")
     click.echo(f"Per-stage counts: df-hf status {workdir}")
     if push:
         _push(dataset_folder(loaded, workdir), repo, version=version, private=loaded.publish.private,
