@@ -52,7 +52,6 @@ from PIL import Image
 
 CONFIG = "bench"
 TARGET = 1.5
-_OFFLINE_VARS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -143,13 +142,9 @@ def write_recipe(folder: Path, base_url: str, images: list[tuple[str, int, int]]
 
 def hub_env(hub_url: str, scratch: Path) -> dict[str, str]:
     """The environment of a client child process talking to the fake hub at ``hub_url``."""
-    env = {name: value for name, value in os.environ.items() if name not in _OFFLINE_VARS}
-    no_proxy = ",".join(filter(None, [env.get("NO_PROXY") or env.get("no_proxy"), "127.0.0.1", "localhost"]))
-    env.update(HF_ENDPOINT=hub_url, HF_HUB_DISABLE_XET="1", HF_TOKEN="hf_fake_benchmark_token",
-               HF_HOME=str(scratch / "hf-home"), HF_DATASETS_CACHE=str(scratch / "hf-datasets-cache"),
-               HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_DISABLE_PROGRESS_BARS="1", NO_PROXY=no_proxy,
-               no_proxy=no_proxy, PYTHONUNBUFFERED="1")
-    return env
+    from densefusion_hf.sample.hub_server import client_env
+
+    return dict(client_env(hub_url, scratch, "hf_fake_benchmark_token"), PYTHONUNBUFFERED="1")
 
 
 # ---------------------------------------------------------------------------------------------------

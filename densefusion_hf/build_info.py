@@ -19,6 +19,11 @@ from densefusion_hf.recipe import Recipe
 BUILD_INFO = "build.json"
 
 
+def version_key(version: str) -> tuple[int, ...]:
+    """A version X.Y.Z in the order of releases (as text, 1.10.0 would sort before 1.2.0)."""
+    return tuple(int(part) for part in version.split("."))
+
+
 def assets_dir(folder: Path, config: str) -> Path:
     return Path(folder) / "assets" / config
 

@@ -17,7 +17,7 @@ import datasets
 import pyarrow.parquet as pq
 from huggingface_hub import DatasetCard, DatasetCardData
 
-from densefusion_hf.build_info import BUILD_INFO, assets_dir, file_sha256
+from densefusion_hf.build_info import BUILD_INFO, assets_dir, file_sha256, version_key
 from densefusion_hf.card_templates import template_path
 from densefusion_hf.charts import bar_chart_png
 from densefusion_hf.errors import UserError
@@ -98,8 +98,7 @@ def _dtype_words(feature) -> str:
 def _config_view(info: dict) -> dict:
     """One config's numbers, shaped for the template."""
     features = datasets.Features.from_dict(info["features"])
-    changelog = sorted(info["recipe"]["changelog"].items(), key=lambda kv: tuple(map(int, kv[0].split("."))),
-                       reverse=True)
+    changelog = sorted(info["recipe"]["changelog"].items(), key=lambda kv: version_key(kv[0]), reverse=True)
     return dict(info, rows=sum(f["rows"] for f in info["files"]),
                 changelog=[{"version": version, "text": text} for version, text in changelog],
                 fields=[{"name": name, "dtype": _dtype_words(feature), "meaning": FIELD_MEANINGS.get(name, "")}

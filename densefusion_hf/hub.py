@@ -17,7 +17,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from densefusion_hf.build_info import BUILD_INFO, file_sha256
+from densefusion_hf.build_info import BUILD_INFO, file_sha256, version_key
 from densefusion_hf.cards import CARD, card_for, config_infos
 from densefusion_hf.console import progress
 from densefusion_hf.errors import UserError
@@ -158,7 +158,7 @@ def plan_push(folder: Path, repo_id: str, *, version: str | None = None, revisio
     api = _api(token)
     configs = [info["config"] for info in infos]
     versions = {info["recipe"]["version"] for info in infos}
-    version = version or max(versions, key=lambda v: tuple(map(int, v.split("."))))
+    version = version or max(versions, key=version_key)
     branch = revision or "main"
     try:
         exists = api.repo_exists(repo_id, repo_type="dataset")

@@ -334,6 +334,18 @@ def test_collate_reads_bytes_and_paths(demo, tmp_path):
     assert (images[0] - images[1]).abs().mean() < 0.03
 
 
+def _stop_after_three_batches_and_resume(make_loader) -> tuple[list[str], list[str]]:
+    """Captions of three batches from one loader, then of the rest from a new loader given its state_dict."""
+    first = make_loader()
+    it = iter(first)
+    before = [c for _ in range(3) for c in next(it)[1]]
+    state = first.state_dict()
+    del it
+    resumed = make_loader()
+    resumed.load_state_dict(state)
+    return before, [c for _, captions in resumed for c in captions]
+
+
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_a_stateful_loader_resumes_exactly(demo, num_workers):
     pytest.importorskip("torchdata.stateful_dataloader")
@@ -345,14 +357,8 @@ def test_a_stateful_loader_resumes_exactly(demo, num_workers):
         return dataloader(ds, batch_size=4, num_workers=num_workers, image_size=16, stateful=True)
 
     expected = [c for _, captions in loader() for c in captions]
-    first = loader()
-    it = iter(first)
-    before = [c for _ in range(3) for c in next(it)[1]]
-    state = first.state_dict()
-    del it
-    resumed = loader()
-    resumed.load_state_dict(state)
-    assert before + [c for _, captions in resumed for c in captions] == expected
+    before, after = _stop_after_three_batches_and_resume(loader)
+    assert before + after == expected
 
 
 def test_a_shuffled_stream_resumes_through_a_stateful_loader_with_workers(demo):
@@ -365,14 +371,7 @@ def test_a_shuffled_stream_resumes_through_a_stateful_loader_with_workers(demo):
         ds.set_epoch(3)
         return dataloader(ds, batch_size=4, num_workers=2, image_size=16)
 
-    first = loader()
-    it = iter(first)
-    before = [c for _ in range(3) for c in next(it)[1]]
-    state = first.state_dict()
-    del it
-    resumed = loader()
-    resumed.load_state_dict(state)
-    after = [c for _, captions in resumed for c in captions]
+    before, after = _stop_after_three_batches_and_resume(loader)
     assert len(set(before) & set(after)) <= 2
     assert len(set(before) | set(after)) >= len(rows) - 2 * 8
 

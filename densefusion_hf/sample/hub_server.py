@@ -1053,6 +1053,29 @@ class FakeHub:
             raise HubError(500, "Simulated failure: the fake hub was told to fail commits (/_fake/fail-commits)")
 
 
+# Variables that would keep a client from talking to any Hub, this one included.
+_OFFLINE_VARS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
+
+
+def client_env(url: str, scratch: Path, token: str) -> dict[str, str]:
+    """The environment of a client process (huggingface_hub, datasets) talking to the fake at ``url``, with
+    its caches under ``scratch``.  The clients read these when imported, so they go to a child process."""
+    env = {name: value for name, value in os.environ.items() if name not in _OFFLINE_VARS}
+    no_proxy = ",".join(filter(None, [env.get("NO_PROXY") or env.get("no_proxy"), "127.0.0.1", "localhost"]))
+    env.update(
+        HF_ENDPOINT=url,
+        HF_HUB_DISABLE_XET="1",  # the fake speaks the LFS protocol only
+        HF_TOKEN=token,
+        HF_HOME=str(Path(scratch) / "hf-home"),
+        HF_DATASETS_CACHE=str(Path(scratch) / "hf-datasets-cache"),
+        HF_HUB_DISABLE_TELEMETRY="1",
+        HF_HUB_DISABLE_PROGRESS_BARS="1",
+        NO_PROXY=no_proxy,  # a proxy set for other traffic (see tests.conftest) must not capture the fake
+        no_proxy=no_proxy,
+    )
+    return env
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--root", required=True, help="folder holding the fake hub's blobs and repositories")
