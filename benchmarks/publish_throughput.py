@@ -1,5 +1,5 @@
 """Publishing the same images: our publish (the publish stage, then ``hub.push``) against
-``datasets.Dataset.push_to_hub``, each to a fresh local fake Hub (``densefusion_hf.sample.hub_server``).
+``datasets.Dataset.push_to_hub``, each to a fresh local fake Hub (``densefusion_hf.testing.hub_server``).
 
 Setup, not timed: ``--images`` distinct JPEGs (scikit-image's photographs: random crops, tone curves and
 flips/rotations, resized to 500x400..1024x768, some portrait, light noise, JPEG quality 80-95, ~90 kB
@@ -10,7 +10,7 @@ The rows that select keeps (dedup may drop a few perceptual near-duplicates) are
 Timed, interleaved ``--repeat`` times, each side in a child process whose environment points
 huggingface_hub and datasets at a fresh FakeHub of its own (so neither finds the other's blobs stored):
 
-* ours: ``pipeline.build(recipe, workdir, only="publish", fresh=True)`` (Parquet shards of at most
+* ours: ``runners.local.build(recipe, workdir, only="publish", fresh=True)`` (Parquet shards of at most
   ``--shard-mb`` MB, build.json, charts, the card), then ``hub.push(folder, "bench/ours")`` (commits,
   tag); the two are timed separately and summed;
 * baseline: the same rows from the same work directory (the select stage's rows with their image bytes
@@ -142,7 +142,7 @@ def write_recipe(folder: Path, base_url: str, images: list[tuple[str, int, int]]
 
 def hub_env(hub_url: str, scratch: Path) -> dict[str, str]:
     """The environment of a client child process talking to the fake hub at ``hub_url``."""
-    from densefusion_hf.sample.hub_server import client_env
+    from densefusion_hf.testing.hub_server import client_env
 
     return dict(client_env(hub_url, scratch, "hf_fake_benchmark_token"), PYTHONUNBUFFERED="1")
 
@@ -205,8 +205,8 @@ def _read_back(repo_id: str) -> tuple[dict, int]:
 
 
 def child_ours(spec: dict) -> dict:
-    from densefusion_hf import hub
-    from densefusion_hf.pipeline import build
+    from densefusion_hf.publish import hub
+    from densefusion_hf.runners.local import build
     from densefusion_hf.recipe import load_recipe
     from densefusion_hf.stages.publish import dataset_folder
 
@@ -326,9 +326,9 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"ours": child_ours, "baseline": child_baseline}[side](spec)))
         return 0
 
-    from densefusion_hf.pipeline import build
+    from densefusion_hf.runners.local import build
     from densefusion_hf.recipe import load_recipe
-    from densefusion_hf.sample.hub_server import FakeHub
+    from densefusion_hf.testing.hub_server import FakeHub
     from densefusion_hf.sample.server import SampleServer
     from densefusion_hf.stages.base import BuildContext, with_images
 

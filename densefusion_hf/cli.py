@@ -55,7 +55,7 @@ def build(recipe: Path, workdir: Path | None, only: str | None, fresh: bool, pro
     when run again; a recipe change that would make finished outputs wrong is refused until you pass
     --fresh. With --push, the dataset is then pushed to the Hub and tagged with its version.
     """
-    from densefusion_hf.pipeline import build as run_build, default_workdir, parse_only
+    from densefusion_hf.runners.local import build as run_build, default_workdir, parse_only
     from densefusion_hf.recipe import load_recipe
     from densefusion_hf.stages.publish import dataset_folder
 
@@ -87,7 +87,7 @@ def _check_version(version: str) -> None:
 
 
 def _push(folder: Path, repo: str, *, dry_run: bool = False, **options) -> None:
-    from densefusion_hf.hub import plan_push, push
+    from densefusion_hf.publish.hub import plan_push, push
 
     if dry_run:
         plan = plan_push(folder, repo, version=options.get("version"), revision=options.get("revision"))
@@ -130,7 +130,7 @@ def publish(workdir: Path, repo: str, version: str | None, private: bool, revisi
     again, uploads only what is missing. The token comes from HF_TOKEN or `hf auth login`; it is never
     printed. Set HF_ENDPOINT to push to another Hub server.
     """
-    from densefusion_hf.hub import COMMIT_FILES
+    from densefusion_hf.publish.hub import COMMIT_FILES
 
     if version is not None:
         _check_version(version)
@@ -140,7 +140,7 @@ def publish(workdir: Path, repo: str, version: str | None, private: bool, revisi
 
 def _dataset_folder_of(path: Path) -> Path:
     """A work directory's dataset folder (as its manifest records it), or ``path`` itself if it is one."""
-    from densefusion_hf.manifest import MANIFEST_NAME, Manifest
+    from densefusion_hf.runners.manifest import MANIFEST_NAME, Manifest
 
     if (path / "assets").is_dir() and (path / "README.md").exists():
         return path
@@ -164,7 +164,7 @@ def card():
 @click.option("--version", "version", metavar="X.Y.Z", default=None, help="Version the card names.")
 def card_render(folder: Path, repo: str | None, version: str | None):
     """Render FOLDER/README.md again from its assets/CONFIG/build.json files (offline)."""
-    from densefusion_hf.cards import render_card
+    from densefusion_hf.publish.cards import render_card
 
     if version is not None:
         _check_version(version)
@@ -178,7 +178,7 @@ def card_render(folder: Path, repo: str | None, version: str | None):
 def card_check(folder: Path):
     """Check FOLDER/README.md against the files (offline): the YAML parses, every config's data_files
     resolve to Parquet files, size_categories, features, row counts and checksums match the data."""
-    from densefusion_hf.cards import check_card
+    from densefusion_hf.publish.cards import check_card
 
     problems = check_card(folder)
     if problems:
@@ -205,7 +205,7 @@ def caption(recipe: Path, workdir: Path | None, dry_run: bool, limit: int, outpu
     one object per row, so the prompts can be read before any caption is generated; nothing in the
     build changes.
     """
-    from densefusion_hf.pipeline import build as run_build, caption_dry_run, default_workdir
+    from densefusion_hf.runners.local import build as run_build, caption_dry_run, default_workdir
     from densefusion_hf.recipe import load_recipe
 
     loaded = load_recipe(recipe)
@@ -229,7 +229,7 @@ def caption(recipe: Path, workdir: Path | None, dry_run: bool, limit: int, outpu
 @click.option("--json", "as_json", is_flag=True, help="Print the status as JSON instead of a table.")
 def status(workdir: Path, as_json: bool):
     """Show, per stage, shards done / total and rows in / kept / dropped by reason in WORKDIR."""
-    from densefusion_hf.status import collect_status, format_status
+    from densefusion_hf.runners.status import collect_status, format_status
 
     report = collect_status(workdir)
     click.echo(json.dumps(report, indent=2) if as_json else format_status(report))

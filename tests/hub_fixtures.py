@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from densefusion_hf.sample.hub_server import FakeHub, client_env
+from densefusion_hf.testing.hub_server import FakeHub, client_env
 
 FAKE_TOKEN = "hf_fake_secret_token_for_tests"
 

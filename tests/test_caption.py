@@ -13,9 +13,9 @@ import datasets
 import pyarrow as pa
 import pytest
 
-from densefusion_hf.pipeline import build
+from densefusion_hf.runners.local import build
 from densefusion_hf.recipe import load_recipe
-from densefusion_hf.shards import StageDir
+from densefusion_hf.stages.shards import StageDir
 from densefusion_hf.stages.caption import Captioner
 from tests.conftest import REPO, load_published, run_cli, write_metadata, write_recipe
 

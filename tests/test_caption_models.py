@@ -7,11 +7,11 @@ import pytest
 
 from densefusion_hf.fusion.experts import read_vocabulary
 from densefusion_hf.images import load_rgb
-from densefusion_hf.pipeline import build
+from densefusion_hf.runners.local import build
 from densefusion_hf.recipe import load_recipe
 from densefusion_hf.sample.tiny_models import (build_tiny_clip, build_tiny_detr, build_tiny_llava,
                                                build_tiny_owlvit)
-from densefusion_hf.shards import StageDir
+from densefusion_hf.stages.shards import StageDir
 from densefusion_hf.stages.caption import Captioner
 from tests.conftest import load_published
 from tests.test_caption import ROWS, captioned_rows, write_caption_recipe

@@ -7,9 +7,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from densefusion_hf.pipeline import build
+from densefusion_hf.runners.local import build
 from densefusion_hf.recipe import load_recipe
-from densefusion_hf.shards import StageDir
+from densefusion_hf.stages.shards import StageDir
 from densefusion_hf.stages.embed import embedding_paths, load_embeddings
 from tests.conftest import write_metadata, write_recipe
 

@@ -14,8 +14,8 @@ import pyarrow.parquet as pq
 import yaml
 from PIL import Image
 
-from densefusion_hf.cards import check_card
-from densefusion_hf.shards import StageDir
+from densefusion_hf.publish.cards import check_card
+from densefusion_hf.stages.shards import StageDir
 from tests.conftest import DEMO_RECIPE, REPO, run_cli
 
 

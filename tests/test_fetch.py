@@ -5,9 +5,9 @@ import io
 from PIL import Image
 
 from densefusion_hf.keys import url_key
-from densefusion_hf.pipeline import build
+from densefusion_hf.runners.local import build
 from densefusion_hf.recipe import load_recipe
-from densefusion_hf.shards import StageDir
+from densefusion_hf.stages.shards import StageDir
 from tests.conftest import write_metadata, write_recipe
 
 FAILURES = {

@@ -13,7 +13,7 @@ import textwrap
 
 import pyarrow.parquet as pq
 
-from densefusion_hf.build_info import file_sha256
+from densefusion_hf.publish.build_info import file_sha256
 from tests.conftest import DEMO_RECIPE, run_cli
 from tests.hub_fixtures import FAKE_TOKEN, run_python
 

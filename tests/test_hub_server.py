@@ -1,4 +1,4 @@
-"""The fake Hub (densefusion_hf.sample.hub_server) driven by the real huggingface_hub and datasets clients.
+"""The fake Hub (densefusion_hf.testing.hub_server) driven by the real huggingface_hub and datasets clients.
 
 Clients run in subprocesses (they read HF_ENDPOINT when imported); each prints its findings as one
 ``RESULT <json>`` line, and the test checks them against the local files and the fake's request log.
@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from densefusion_hf.sample.hub_server import FakeHub
+from densefusion_hf.testing.hub_server import FakeHub
 from tests.hub_fixtures import FAKE_TOKEN, run_python
 
 REPO = "tester/captions"
@@ -412,7 +412,7 @@ def test_state_survives_a_restart(tmp_path):
 
 
 def test_command_line_serves_until_interrupted(tmp_path):
-    server = subprocess.Popen([sys.executable, "-m", "densefusion_hf.sample.hub_server", "--root", str(tmp_path)],
+    server = subprocess.Popen([sys.executable, "-m", "densefusion_hf.testing.hub_server", "--root", str(tmp_path)],
                               stdout=subprocess.PIPE, text=True)
     try:
         url = server.stdout.readline().split(" at ")[1].strip()

@@ -6,10 +6,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from densefusion_hf.errors import UserError
-from densefusion_hf.manifest import Manifest
-from densefusion_hf.pipeline import build
+from densefusion_hf.runners.manifest import Manifest
+from densefusion_hf.runners.local import build
 from densefusion_hf.recipe import load_recipe
-from densefusion_hf.shards import StageDir
+from densefusion_hf.stages.shards import StageDir
 from tests.conftest import write_metadata, write_recipe
 
 PHOTOS = ["img/astronaut.jpg", "img/chelsea.jpg", "img/coffee.jpg", "img/rocket.jpg", "gone/x.jpg"]

@@ -8,12 +8,12 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from densefusion_hf.build_info import file_sha256
-from densefusion_hf.cards import check_card
-from densefusion_hf.dataset_stats import resolution_bucket, sentence_count
-from densefusion_hf.pipeline import build
+from densefusion_hf.publish.build_info import file_sha256
+from densefusion_hf.publish.cards import check_card
+from densefusion_hf.publish.dataset_stats import resolution_bucket, sentence_count
+from densefusion_hf.runners.local import build
 from densefusion_hf.recipe import load_recipe
-from densefusion_hf.shard_plan import even_shard_count, plan_row_groups, plan_shards
+from densefusion_hf.publish.shard_plan import even_shard_count, plan_row_groups, plan_shards
 from tests.conftest import run_cli, write_metadata, write_recipe
 
 PHOTOS = ["img/astronaut.jpg", "img/chelsea.jpg", "img/coffee.jpg", "img/rocket.jpg", "img/camera.jpg",

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from densefusion_hf.selection import cluster_size_histogram, random_subset, rank_in_clusters, select
+from densefusion_hf.stages.selection import cluster_size_histogram, random_subset, rank_in_clusters, select
 
 
 def keys(n):

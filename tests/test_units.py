@@ -6,11 +6,11 @@ import pytest
 
 from densefusion_hf.images import UnreadableImage, inspect_image
 from densefusion_hf.keys import url_key
-from densefusion_hf.pipeline import build
+from densefusion_hf.runners.local import build
 from densefusion_hf.recipe import MetadataFilters, load_recipe
 from densefusion_hf.sample.make import write_sample
 from densefusion_hf.sample.server import SAMPLE_HOST, SampleServer, proxied_through
-from densefusion_hf.shards import StageDir
+from densefusion_hf.stages.shards import StageDir
 from densefusion_hf.stages.ingest import filter_reason
 from tests.conftest import write_metadata, write_recipe
 

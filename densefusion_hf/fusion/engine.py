@@ -11,26 +11,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from densefusion_hf.fusion.chat import ChatGenerator
 from densefusion_hf.fusion.describe import TEMPLATE_VERSION, describe
-from densefusion_hf.fusion.experts import failure_reason
-from densefusion_hf.fusion.priors import Priors
-
-
-def chat_messages(image, prompt: str) -> list[dict]:
-    """One user turn holding the image and the prompt, the chat shape every image-text-to-text model takes."""
-    return [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": prompt}]}]
-
-
-def generated_texts(outputs) -> list[str]:
-    """The new text of each input from an image-text-to-text pipeline's output (one list per input)."""
-    texts = []
-    for output in outputs:
-        first = output[0] if isinstance(output, list) else output
-        text = first["generated_text"]
-        if not isinstance(text, str):  # a chat comes back as messages; the reply is the last one
-            text = text[-1]["content"]
-        texts.append(text)
-    return texts
+from densefusion_hf.fusion.priors import Priors, failure_reason
 
 
 class CaptionFailed(Exception):
@@ -46,34 +29,6 @@ class TemplateEngine:
 
     def caption(self, images: list, priors: list[Priors], prompts: list[str]) -> list[str | Exception]:
         return [describe(p, self.small_area, self.large_area) for p in priors]
-
-
-class ChatGenerator:
-    """An image-text-to-text pipeline loaded once, turning (image, text) pairs into generated text."""
-
-    def __init__(self, model: str, workdir: Path, device: str, dtype: str, batch_size: int, generate_kwargs: dict,
-                 what: str, seed: int | None = None):
-        from densefusion_hf.models import load_pipeline
-
-        self.pipe = load_pipeline("image-text-to-text", model, workdir, device, dtype, half="bfloat16", what=what)
-        tokenizer = getattr(self.pipe.processor, "tokenizer", None)
-        if tokenizer is not None:
-            tokenizer.padding_side = "left"  # decoder-only models generate after the prompt, so pad before it
-        self.batch_size, self.generate_kwargs, self.seed = batch_size, generate_kwargs, seed
-
-    def generate(self, images: list, prompts: list[str]) -> list[str]:
-        if self.seed is not None:
-            from transformers import set_seed
-
-            set_seed(self.seed)
-        # Generation settings must go in generate_kwargs: loose keyword arguments go to the processor.
-        outputs = self.pipe(text=[chat_messages(image, prompt) for image, prompt in zip(images, prompts)],
-                            batch_size=self.batch_size, return_full_text=False,
-                            generate_kwargs=dict(self.generate_kwargs))
-        texts = [text.strip() for text in generated_texts(outputs)]
-        if len(texts) != len(images):
-            raise RuntimeError(f"the pipeline returned {len(texts)} texts for {len(images)} images")
-        return texts
 
 
 def model_name(model: str) -> str:

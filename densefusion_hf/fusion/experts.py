@@ -19,7 +19,8 @@ import numpy as np
 
 from densefusion_hf.errors import UserError
 from densefusion_hf.fusion.boxes import Box, normalise
-from densefusion_hf.fusion.priors import Failure, OcrLine, Priors, Tag
+from densefusion_hf.fusion.chat import ChatGenerator
+from densefusion_hf.fusion.priors import Failure, OcrLine, Priors, Tag, failure_reason
 
 DEFAULT_VOCABULARY = Path(__file__).parent / "data" / "tags.txt"
 
@@ -36,11 +37,6 @@ def read_vocabulary(path: Path | None = None) -> list[str]:
     if not tags:
         raise UserError(f"{path}: the tag vocabulary is empty; write one tag per line.")
     return tags
-
-
-def failure_reason(exc: BaseException) -> str:
-    text = f"{type(exc).__name__}: {exc}".strip()
-    return text if len(text) <= 300 else text[:297] + "..."
 
 
 class Expert:
@@ -220,7 +216,6 @@ class TransformersOcr(Expert):
     name = "ocr"
 
     def __init__(self, settings, workdir: Path):
-        from densefusion_hf.fusion.engine import ChatGenerator
 
         self.settings = settings
         self.generator = ChatGenerator(settings.model, workdir, settings.device, settings.dtype, settings.batch_size,

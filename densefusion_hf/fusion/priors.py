@@ -35,6 +35,12 @@ class Failure:
     reason: str
 
 
+def failure_reason(exc: BaseException) -> str:
+    """An exception as the short reason recorded in the data (an expert's or the captioner's failure)."""
+    text = f"{type(exc).__name__}: {exc}".strip()
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
 @dataclass
 class Priors:
     alt_text: str = ""

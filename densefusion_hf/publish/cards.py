@@ -17,9 +17,9 @@ import datasets
 import pyarrow.parquet as pq
 from huggingface_hub import DatasetCard, DatasetCardData
 
-from densefusion_hf.build_info import BUILD_INFO, assets_dir, file_sha256, version_key
+from densefusion_hf.publish.build_info import BUILD_INFO, assets_dir, file_sha256, version_key
 from densefusion_hf.card_templates import template_path
-from densefusion_hf.charts import bar_chart_png
+from densefusion_hf.publish.charts import bar_chart_png
 from densefusion_hf.errors import UserError
 
 CARD = "README.md"

@@ -17,8 +17,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from densefusion_hf.build_info import BUILD_INFO, file_sha256, version_key
-from densefusion_hf.cards import CARD, card_for, config_infos
+from densefusion_hf.publish.build_info import BUILD_INFO, file_sha256, version_key
+from densefusion_hf.publish.cards import CARD, card_for, config_infos
 from densefusion_hf.console import progress
 from densefusion_hf.errors import UserError
 

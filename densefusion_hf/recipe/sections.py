@@ -16,7 +16,7 @@ from typing import Literal, Optional
 import yaml
 
 from densefusion_hf.errors import RecipeError
-from densefusion_hf.schema import SchemaProblem, describe_fields, option, parse
+from densefusion_hf.recipe.schema import SchemaProblem, describe_fields, option, parse
 
 # Stages in the order a build runs them.  Each name is a module in densefusion_hf.stages.
 STAGE_ORDER = ("ingest", "fetch", "dedup", "embed", "semdedup", "select", "caption", "publish")

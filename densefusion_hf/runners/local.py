@@ -8,7 +8,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from densefusion_hf.errors import UserError
-from densefusion_hf.manifest import MANIFEST_NAME, Manifest, fingerprint
+from densefusion_hf.runners.manifest import MANIFEST_NAME, Manifest, fingerprint
 from densefusion_hf.recipe import Recipe
 from densefusion_hf.stages import STAGES
 from densefusion_hf.stages.base import BuildContext

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from densefusion_hf import __version__
 from densefusion_hf.errors import UserError
-from densefusion_hf.shards import atomic_write_json
+from densefusion_hf.stages.shards import atomic_write_json
 
 MANIFEST_NAME = "manifest.json"
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from densefusion_hf.shards import StageDir
+from densefusion_hf.stages.shards import StageDir
 
 
 def stage_summary(workdir: Path, stage: str) -> dict:

@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from densefusion_hf.errors import UserError
-from densefusion_hf.manifest import MANIFEST_NAME, Manifest
+from densefusion_hf.runners.manifest import MANIFEST_NAME, Manifest
 from densefusion_hf.recipe import STAGE_ORDER
-from densefusion_hf.report import stage_summary
+from densefusion_hf.runners.report import stage_summary
 
 
 def collect_status(workdir: Path) -> dict:

@@ -1,4 +1,4 @@
-"""The build's stages, by name, in build order (see recipe.STAGE_ORDER)."""
+"""The build's stages, by name, in build order (see densefusion_hf.recipe.STAGE_ORDER)."""
 
 from densefusion_hf.stages.caption import Caption
 from densefusion_hf.stages.dedup import Dedup

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 
 from densefusion_hf.console import progress
 from densefusion_hf.recipe import Recipe
-from densefusion_hf.shards import StageDir, temporary_name
+from densefusion_hf.stages.shards import StageDir, temporary_name
 
 
 @dataclass

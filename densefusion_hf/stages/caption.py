@@ -36,7 +36,7 @@ from densefusion_hf.fusion.priors import PRIORS_TYPE, Priors, clean_alt_text
 from densefusion_hf.fusion.prompt import PromptTemplate
 from densefusion_hf.models import resolved_dtype_name
 from densefusion_hf.recipe import Recipe
-from densefusion_hf.shards import StageDir, atomic_write_bytes, atomic_write_json, shard_name
+from densefusion_hf.stages.shards import StageDir, atomic_write_bytes, atomic_write_json, shard_name
 from densefusion_hf.stages.base import BuildContext, ShardStage, decode_rows, with_images
 
 CAPTION_FIELDS = [

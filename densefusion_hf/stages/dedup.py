@@ -20,7 +20,7 @@ from densefusion_hf.dedup.phash import hamming, phash_many, refined_pairs
 from densefusion_hf.dedup.semantic import choose_kept
 from densefusion_hf.dedup.unionfind import connected_components
 from densefusion_hf.recipe import Recipe
-from densefusion_hf.shards import StageDir
+from densefusion_hf.stages.shards import StageDir
 from densefusion_hf.stages.base import BuildContext, GlobalStage, decision_table, with_images
 
 MEASURE_SCHEMA = pa.schema([("key", pa.string()), ("phash", pa.string())])

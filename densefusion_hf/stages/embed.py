@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 
 from densefusion_hf.models import ImageTextEmbedder, resolved_dtype_name
 from densefusion_hf.recipe import Recipe
-from densefusion_hf.shards import StageDir, temporary_name
+from densefusion_hf.stages.shards import StageDir, temporary_name
 from densefusion_hf.stages.base import BuildContext, ShardStage, decode_rows, with_images
 
 

@@ -25,7 +25,7 @@ from densefusion_hf.console import output_to_file
 from densefusion_hf.images import UnreadableImage, inspect_image
 from densefusion_hf.recipe import Recipe
 from densefusion_hf.sample.server import SampleServer, proxied_through
-from densefusion_hf.shards import StageDir
+from densefusion_hf.stages.shards import StageDir
 from densefusion_hf.stages.base import BuildContext, ShardStage
 
 # albumentations (imported by img2dataset) asks the network for updates unless told not to.

@@ -23,7 +23,7 @@ from densefusion_hf.errors import UserError
 from densefusion_hf.keys import url_key
 from densefusion_hf.recipe import MetadataFilters, Recipe
 from densefusion_hf.sample.make import SAMPLE_VERSION, write_sample
-from densefusion_hf.shards import shard_name
+from densefusion_hf.stages.shards import shard_name
 from densefusion_hf.stages.base import BuildContext, Stage
 
 # Our column name -> the recipe field (in source.columns) that names it in the metadata.

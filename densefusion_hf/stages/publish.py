@@ -29,16 +29,16 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from datasets.arrow_writer import get_parquet_column_options
 
-from densefusion_hf.build_info import (assets_dir, build_info, describe_files, file_sha256,
+from densefusion_hf.publish.build_info import (assets_dir, build_info, describe_files, file_sha256,
                                        write_build_info)
-from densefusion_hf.cards import render_card, write_charts
+from densefusion_hf.publish.cards import render_card, write_charts
 from densefusion_hf.console import progress
-from densefusion_hf.dataset_stats import PublishedStats
+from densefusion_hf.publish.dataset_stats import PublishedStats
 from densefusion_hf.errors import UserError
 from densefusion_hf.recipe import Recipe
-from densefusion_hf.report import stage_summary
-from densefusion_hf.shard_plan import plan_row_groups, plan_shards
-from densefusion_hf.shards import temporary_name
+from densefusion_hf.runners.report import stage_summary
+from densefusion_hf.publish.shard_plan import plan_row_groups, plan_shards
+from densefusion_hf.stages.shards import temporary_name
 from densefusion_hf.stages.base import BuildContext, Stage, with_images
 
 _DONE = "all"

@@ -3,7 +3,7 @@
 Filters use the real decoded size (``width``/``height`` from fetch) and the LAION scores.  Categories
 compare each image embedding with the mean embedding of each category's prompts (the usual zero-shot
 prompt ensemble): the best category wins when its cosine similarity reaches the threshold, else
-``other``.  Then ``densefusion_hf.selection`` applies top-N per cluster, quotas and the target size.
+``other``.  Then ``densefusion_hf.stages.selection`` applies top-N per cluster, quotas and the target size.
 ``select/summary.json`` holds the numbers for the card: drops per reason, rows per category, and the
 cluster-size histogram.
 """
@@ -20,8 +20,8 @@ import pyarrow.parquet as pq
 
 from densefusion_hf.models import ImageTextEmbedder
 from densefusion_hf.recipe import Recipe
-from densefusion_hf.selection import cluster_size_histogram, random_subset, select
-from densefusion_hf.shards import StageDir, atomic_write_json, temporary_name
+from densefusion_hf.stages.selection import cluster_size_histogram, random_subset, select
+from densefusion_hf.stages.shards import StageDir, atomic_write_json, temporary_name
 from densefusion_hf.stages.base import BuildContext, GlobalStage, decision_table
 from densefusion_hf.stages.embed import load_embeddings
 from densefusion_hf.stages.ingest import filter_reason

@@ -15,7 +15,7 @@ import pyarrow as pa
 
 from densefusion_hf.dedup.semantic import semdedup
 from densefusion_hf.recipe import Recipe
-from densefusion_hf.shards import StageDir
+from densefusion_hf.stages.shards import StageDir
 from densefusion_hf.stages.base import BuildContext, GlobalStage, decision_table
 from densefusion_hf.stages.embed import load_embeddings
 

@@ -20,7 +20,7 @@ same root serves the same repositories.
 Any ``Authorization: Bearer`` token is accepted; requests that write need one (401 otherwise).  Tokens are
 never logged.  Test hooks live under ``/_fake/`` (request log and counters, simulated commit failures).
 
-Run it by hand with ``python -m densefusion_hf.sample.hub_server --root DIR [--port N]``.
+Run it by hand with ``python -m densefusion_hf.testing.hub_server --root DIR [--port N]``.
 """
 
 from __future__ import annotations
