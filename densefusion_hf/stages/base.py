@@ -1,7 +1,8 @@
 """What every stage is: a name, the settings that decide its output, and a ``run``.
 
 A ``ShardStage`` is a plain function of (one input shard, settings) -> one output shard, so any runner
-(this local one, or a distributed one) can call ``run_shard`` for shards in any order.
+(the local one, or the Ray one) can call ``run_shard`` for shards in any order: the stage hands its shards to
+``ctx.executor`` (see ``runners.executor``), which decides where each call runs.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
@@ -18,6 +19,7 @@ import pyarrow.parquet as pq
 
 from densefusion_hf.console import progress
 from densefusion_hf.recipe import Recipe
+from densefusion_hf.runners.executor import SerialExecutor
 from densefusion_hf.stages.shards import StageDir, temporary_name
 
 
@@ -26,6 +28,13 @@ class BuildContext:
     recipe: Recipe
     workdir: Path
     show_progress: bool = True
+    executor: object = field(default_factory=SerialExecutor, repr=False, compare=False)
+
+    def __getstate__(self):
+        # Workers get the recipe and the work directory; the executor stays with the driver.
+        state = dict(self.__dict__)
+        state["executor"] = None
+        return state
 
     def stage_dir(self, name: str) -> StageDir:
         return StageDir(self.workdir, name)
@@ -52,8 +61,12 @@ class Stage:
 class ShardStage(Stage):
     """One output shard per input shard of the upstream stage."""
 
+    #: Holds a model in its session: on a cluster it runs in actors that load it once (else in tasks).
+    holds_model = False
+
     def session(self, ctx: BuildContext):
-        """Resources held while shards run (a server, a loaded model); entered once per run."""
+        """Resources held while shards run (a server, a loaded model); entered once per run, or once per
+        worker on a cluster."""
         return contextlib.nullcontext()
 
     def run_shard(self, ctx: BuildContext, shard: str, source: StageDir, out: StageDir) -> dict:
@@ -68,16 +81,16 @@ class ShardStage(Stage):
         kept = dropped = 0
         bar = progress(len(shards), self.name, "shard", ctx.show_progress, initial=len(shards) - len(todo))
         with bar:
-            if todo:
-                with self.session(ctx):
-                    for shard in todo:
-                        started = time.monotonic()
-                        stats = self.run_shard(ctx, shard, source, out)
-                        kept += stats["rows_out"]
-                        dropped += stats["rows_dropped"]
-                        bar.set_postfix(kept=kept, dropped=dropped, s_per_shard=f"{time.monotonic() - started:.1f}")
-                        bar.update(1)
+            for _, stats in ctx.executor.map(ctx, self, "run_shard", todo, (source, out), session=True,
+                                             heavy=self.heavy_apply):
+                kept += stats["rows_out"]
+                dropped += stats["rows_dropped"]
+                bar.set_postfix(kept=kept, dropped=dropped, s_per_shard=f"{stats.get('seconds', 0):.1f}")
+                bar.update(1)
         return {"shards_total": len(shards)}
+
+    #: Whether ``run_shard`` is the stage's main work (its ``runner`` settings apply), not a light apply step.
+    heavy_apply = True
 
 
 def small_columns(path) -> list[str]:
@@ -135,6 +148,12 @@ class GlobalStage(ShardStage):
     shard is written, so an interrupted run applies the same decision when it resumes.
     """
 
+    heavy_apply = False  # applying a saved decision is light: plain tasks on a cluster
+
+    def measure(self, ctx: BuildContext, source: StageDir, shards: list[str]) -> None:
+        """Per-shard measurements the decision needs (hashes, assignments), saved before ``decide``; run
+        through ``ctx.executor`` so they spread over a cluster.  Nothing by default."""
+
     def decide(self, ctx: BuildContext, source: StageDir, shards: list[str]) -> pa.Table:
         raise NotImplementedError
 
@@ -147,14 +166,26 @@ class GlobalStage(ShardStage):
         shards = source.done_shards()
         path = self.decision_path(ctx)
         if not path.exists() and not all(out.is_done(s) for s in shards):
+            self.measure(ctx, source, shards)
             decision = self.decide(ctx, source, shards)
             tmp = temporary_name(path)
             pq.write_table(decision, tmp)
             os.replace(tmp, path)
-        if path.exists():
-            self._decision = pq.read_table(path)
-            self._position = {k: i for i, k in enumerate(self._decision.column("key").to_pylist())}
+        self._decision = None
         return super().run(ctx, upstream)
+
+    def _decided(self, ctx: BuildContext) -> tuple[pa.Table, dict]:
+        """The saved decision and its key positions, read once per process (a worker reads its own)."""
+        if getattr(self, "_decision", None) is None:
+            self._decision = pq.read_table(self.decision_path(ctx))
+            self._position = {k: i for i, k in enumerate(self._decision.column("key").to_pylist())}
+        return self._decision, self._position
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state.pop("_decision", None)
+        state.pop("_position", None)
+        return state
 
     def has_outputs(self, ctx: BuildContext) -> bool:
         # A decision or measurements made with other settings must not be reused either.
@@ -164,8 +195,8 @@ class GlobalStage(ShardStage):
     def run_shard(self, ctx: BuildContext, shard: str, source: StageDir, out: StageDir) -> dict:
         started = time.monotonic()
         rows = source.read(shard, columns=small_columns(source.shard_path(shard)))
-        decided = self._decision.take(pa.array([self._position[k] for k in rows.column("key").to_pylist()],
-                                               pa.int64()))
+        decision, position = self._decided(ctx)
+        decided = decision.take(pa.array([position[k] for k in rows.column("key").to_pylist()], pa.int64()))
         added = [n for n in decided.column_names if n not in ("key", "reason", "detail", "dup_of")]
         for name in added:
             column = decided.column(name)

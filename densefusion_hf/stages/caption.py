@@ -152,6 +152,7 @@ class Captioner:
 
 class Caption(ShardStage):
     name = "caption"
+    holds_model = True
 
     def params(self, recipe: Recipe) -> dict:
         caption = recipe.caption

@@ -64,8 +64,17 @@ class Dedup(GlobalStage):
     def measures(self, ctx: BuildContext) -> StageDir:
         return ctx.stage_dir(f"{self.name}/measure")
 
-    def measure_shard(self, ctx: BuildContext, shard: str, source: StageDir) -> None:
-        """Hash one shard's images (the expensive part), resumable per shard."""
+    def measure(self, ctx: BuildContext, source: StageDir, shards: list[str]) -> None:
+        """Hash every shard's images (the expensive part), resumable per shard, spread by the executor."""
+        measures = self.measures(ctx)
+        measures.prepare()
+        if ctx.recipe.dedup.perceptual:
+            todo = [s for s in shards if not measures.is_done(s)]
+            for _ in ctx.executor.map(ctx, self, "measure_shard", todo, (source,)):
+                pass
+
+    def measure_shard(self, ctx: BuildContext, shard: str, source: StageDir) -> dict:
+        """Hash one shard's images, resumable per shard."""
         settings, measures = ctx.recipe.dedup, self.measures(ctx)
         rows = with_images(ctx, source.read(shard, columns=["key"]), shard)
         bits = settings.hash_size ** 2
@@ -75,7 +84,7 @@ class Dedup(GlobalStage):
                          schema=MEASURE_SCHEMA)
         with measures.writer(shard, MEASURE_SCHEMA) as writer:
             writer.write(table)
-        measures.finish(shard, [], {"rows_in": rows.num_rows, "rows_out": rows.num_rows})
+        return measures.finish(shard, [], {"rows_in": rows.num_rows, "rows_out": rows.num_rows})
 
     @staticmethod
     def _exact_hashes(ctx: BuildContext, wanted: list[tuple[str, str]]) -> list[int | None]:
@@ -93,11 +102,6 @@ class Dedup(GlobalStage):
 
     def decide(self, ctx: BuildContext, source: StageDir, shards: list[str]) -> pa.Table:
         settings, measures = ctx.recipe.dedup, self.measures(ctx)
-        measures.prepare()
-        if settings.perceptual:
-            for shard in shards:
-                if not measures.is_done(shard):
-                    self.measure_shard(ctx, shard, source)
         small = ["key", "sha256", "width", "height", "similarity"]
         parts = [source.read(s, columns=small) for s in shards]
         row_shard = [s for s, part in zip(shards, parts) for _ in range(part.num_rows)]

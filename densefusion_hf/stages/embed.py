@@ -43,8 +43,34 @@ def load_embeddings(workdir: Path, shards: list[str]) -> tuple[list[str], np.nda
     return keys, (np.concatenate(blocks) if blocks else np.zeros((0, dim), np.float32))
 
 
+class ShardedEmbeddings:
+    """Rows of several shards' ``img_emb_N.npy`` as one read-only array, memory-mapped: only the rows indexed
+    are read, so a seeded sample for k-means never loads the whole pool."""
+
+    def __init__(self, workdir: Path, shards: list[str]):
+        self.blocks = [np.load(embedding_paths(workdir, s)[0], mmap_mode="r") for s in shards]
+        self.blocks = [b for b in self.blocks if len(b)]
+        self.starts = np.cumsum([0] + [len(b) for b in self.blocks])
+        dim = self.blocks[0].shape[1] if self.blocks else 0
+        self.shape, self.ndim = (int(self.starts[-1]), dim), 2
+        self.dtype = self.blocks[0].dtype if self.blocks else np.dtype(np.float16)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows) -> np.ndarray:
+        rows = np.arange(self.shape[0])[rows] if isinstance(rows, slice) else np.asarray(rows, dtype=np.int64)
+        out = np.empty((len(rows), self.shape[1]), dtype=self.dtype)
+        block = np.searchsorted(self.starts, rows, side="right") - 1
+        for b in np.unique(block):
+            mine = block == b
+            out[mine] = self.blocks[b][rows[mine] - self.starts[b]]
+        return out
+
+
 class Embed(ShardStage):
     name = "embed"
+    holds_model = True
 
     def params(self, recipe: Recipe) -> dict:
         # The dtype changes the numbers a little ('auto' is resolved, so moving a half-built work directory

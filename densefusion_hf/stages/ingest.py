@@ -4,18 +4,30 @@ Nothing is downloaded here: rows are cut into shards of ``source.rows_per_shard`
 with the recipe's column names mapped to ours (key, url, text, width, height, similarity, punsafe,
 pwatermark, and ``keep_columns``).  A row whose URL is empty, that a filter rejects, or whose URL was
 already kept, is recorded in the shard's dropped rows with its reason and the value that decided it.
+
+Repeated URLs are found in memory that does not grow with the metadata (LAION-2B has 2.3B rows), in
+three passes that each spread over the executor:
+
+    ingest/measure/shard-N.parquet     pass 1: shard N's rows that pass the filters (and its filter drops),
+                                       plus ingest/keys/shard-N.parquet, their keys sorted
+    ingest/keys/dups-P.parquet         pass 2: per key range P, the rows whose key was kept earlier
+                                       (earlier = lower shard, then lower row: source order, as before)
+    ingest/shard-N.parquet             pass 3: shard N without its repeated URLs
 """
 
 from __future__ import annotations
 
 import glob
 import math
+import os
+import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Iterator
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from densefusion_hf.console import progress
@@ -23,7 +35,7 @@ from densefusion_hf.errors import UserError
 from densefusion_hf.keys import url_key
 from densefusion_hf.recipe import MetadataFilters, Recipe
 from densefusion_hf.sample.make import SAMPLE_VERSION, write_sample
-from densefusion_hf.stages.shards import shard_name
+from densefusion_hf.stages.shards import DROPPED_SCHEMA, shard_name, temporary_name
 from densefusion_hf.stages.base import BuildContext, Stage
 
 # Our column name -> the recipe field (in source.columns) that names it in the metadata.
@@ -85,6 +97,38 @@ def count_rows(recipe: Recipe, files: list[Path]) -> int:
     return min(total, recipe.source.limit) if recipe.source.limit else total
 
 
+#: Keys per key range in the repeated-URL pass: memory of that pass is about 100 bytes a key.
+KEYS_PER_PARTITION = 8_000_000
+KEY_SCHEMA = pa.schema([("key", pa.string()), ("row", pa.int64())])
+DUP_SCHEMA = pa.schema([("shard", pa.int64()), ("row", pa.int64()), ("key", pa.string())])
+
+
+def shard_rows(recipe: Recipe, files: list[Path], counts: list[int], index: int) -> pa.Table:
+    """Rows ``[index * rows_per_shard, ...)`` of the metadata (the files in order, cut at ``source.limit``),
+    reading only the row groups that hold them."""
+    size = recipe.source.rows_per_shard
+    start = index * size
+    stop = min(start + size, sum(counts), recipe.source.limit or math.inf)
+    tables, offset = [], 0
+    for path, count in zip(files, counts):
+        lo, hi = max(start, offset) - offset, min(stop, offset + count) - offset
+        offset += count
+        if lo >= hi:
+            continue
+        parquet = pq.ParquetFile(path)
+        mapping = _check_columns(recipe, path, parquet.schema_arrow)
+        groups, first, seen = [], None, 0
+        for g in range(parquet.metadata.num_row_groups):
+            n = parquet.metadata.row_group(g).num_rows
+            if seen + n > lo and seen < hi:
+                groups.append(g)
+                first = seen if first is None else first
+            seen += n
+        table = parquet.read_row_groups(groups, columns=list(set(mapping.values()))).slice(lo - first, hi - lo)
+        tables.append(pa.table({ours: table[theirs] for ours, theirs in mapping.items()}))
+    return pa.concat_tables(tables, promote_options="permissive")
+
+
 def _chunks(recipe: Recipe, files: list[Path]) -> Iterator[pa.Table]:
     """Tables of exactly rows_per_shard rows (the last may be shorter), in source order."""
     size, limit = recipe.source.rows_per_shard, recipe.source.limit
@@ -111,6 +155,12 @@ def _chunks(recipe: Recipe, files: list[Path]) -> Iterator[pa.Table]:
             break
     if pending_rows:
         yield pa.concat_tables(pending, promote_options="permissive")
+
+
+def _key_range(partition: int, partitions: int) -> tuple[str, str | None]:
+    """Keys (hex) from ``lo`` up to ``hi`` (None: to the end) of one of ``partitions`` equal ranges."""
+    bound = lambda p: format(p * 65_536 // partitions, "04x")  # noqa: E731 - by the first 16 bits
+    return bound(partition), (bound(partition + 1) if partition + 1 < partitions else None)
 
 
 def _number(value) -> float | None:
@@ -172,31 +222,120 @@ class Ingest(Stage):
                 params["files"] = []  # reported when the stage runs
         return params
 
+    def measures(self, ctx: BuildContext):
+        return ctx.stage_dir(f"{self.name}/measure"), ctx.workdir / self.name / "keys"
+
+    def has_outputs(self, ctx: BuildContext) -> bool:
+        return super().has_outputs(ctx) or bool(self.measures(ctx)[0].done_shards())
+
     def run(self, ctx: BuildContext, upstream: str | None) -> dict:
         recipe, out = ctx.recipe, ctx.stage_dir(self.name)
+        measure, keys_dir = self.measures(ctx)
         out.prepare()
+        measure.prepare()
+        keys_dir.mkdir(parents=True, exist_ok=True)
         files = source_files(recipe, ctx.workdir)
+        counts = [pq.ParquetFile(f).metadata.num_rows for f in files]
         total_rows = count_rows(recipe, files)
-        n_shards = math.ceil(total_rows / recipe.source.rows_per_shard)
-        # Every shard's keys are needed to spot repeated URLs, so done shards are read too (not written).
-        seen: set[str] = set()
-        bar = progress(total_rows, self.name, "row", ctx.show_progress)
+        shards = [shard_name(i) for i in range(math.ceil(total_rows / recipe.source.rows_per_shard))]
+        partitions = max(1, math.ceil(total_rows / KEYS_PER_PARTITION))
+        dups = [keys_dir / f"dups-{p:05d}.parquet" for p in range(partitions)]
         kept = dropped = 0
-        with bar:
-            for index, chunk in enumerate(_chunks(recipe, files)):
-                shard = shard_name(index)
-                started = time.monotonic()
-                rows, drops = self._split(chunk, seen, recipe.filters)
-                if not out.is_done(shard):
-                    with out.writer(shard, self._schema(chunk)) as writer:
-                        writer.write(pa.Table.from_pylist(rows, schema=self._schema(chunk)))
-                    out.finish(shard, drops, {"rows_in": chunk.num_rows, "rows_out": len(rows),
-                                              "seconds": round(time.monotonic() - started, 3)})
-                kept += len(rows)
-                dropped += len(drops)
+        with progress(len(shards), self.name, "shard", ctx.show_progress,
+                      initial=sum(map(out.is_done, shards))) as bar:
+            if not all(map(out.is_done, shards)):
+                todo = [s for s in shards if not measure.is_done(s) and not out.is_done(s)]
+                bar.set_postfix_str("reading the metadata")
+                for _ in ctx.executor.map(ctx, self, "filter_shard", todo, (files, counts), heavy=True):
+                    pass
+                bar.set_postfix_str("finding repeated URLs")
+                todo = [p for p in range(partitions) if not dups[p].exists()]
+                for _ in ctx.executor.map(ctx, self, "find_repeats", todo, (shards, partitions), heavy=False):
+                    pass
+            todo = [s for s in shards if not out.is_done(s)]
+            for _, stats in ctx.executor.map(ctx, self, "write_shard", todo, (partitions,), heavy=False):
+                kept += stats["rows_out"]
+                dropped += stats["rows_dropped"]
                 bar.set_postfix(kept=kept, dropped=dropped)
-                bar.update(chunk.num_rows)
-        return {"shards_total": n_shards, "source_files": [str(f) for f in files], "rows_in": total_rows}
+                bar.update(1)
+        measure.clear()  # the passes' files are only needed until every shard is written
+        shutil.rmtree(keys_dir, ignore_errors=True)
+        return {"shards_total": len(shards), "source_files": [str(f) for f in files], "rows_in": total_rows}
+
+    def filter_shard(self, ctx: BuildContext, shard: str, files: list[Path], counts: list[int]) -> dict:
+        """Pass 1: one shard's rows through the filters; its kept keys, sorted, for the repeated-URL pass."""
+        started = time.monotonic()
+        measure, keys_dir = self.measures(ctx)
+        chunk = shard_rows(ctx.recipe, files, counts, int(shard))
+        rows, drops = self._split(chunk, ctx.recipe.filters)
+        schema = self._schema(chunk).append(pa.field("position", pa.int64()))
+        table = pa.Table.from_pylist(rows, schema=schema)
+        keys = pa.table({"key": table.column("key"), "row": pa.array(range(table.num_rows), pa.int64())})
+        keys = keys.sort_by("key")
+        path = keys_dir / f"shard-{shard}.parquet"
+        tmp = temporary_name(path)
+        pq.write_table(keys, tmp, row_group_size=65_536)
+        os.replace(tmp, path)
+        with measure.writer(shard, schema) as writer:
+            writer.write(table)
+        # The filter drops keep their positions, so pass 3 can put the repeated URLs among them in order.
+        path = measure.path / f"shard-{shard}.filtered.parquet"
+        tmp = temporary_name(path)
+        pq.write_table(pa.Table.from_pylist(drops, schema=DROPPED_SCHEMA.append(pa.field("position", pa.int64()))),
+                       tmp)
+        os.replace(tmp, path)
+        return measure.finish(shard, [], {"rows_in": chunk.num_rows, "rows_out": len(rows),
+                                             "seconds": round(time.monotonic() - started, 3)})
+
+    def find_repeats(self, ctx: BuildContext, partition: int, shards: list[str], partitions: int) -> int:
+        """Pass 2: within one key range, every (shard, row) whose key a lower (shard, row) already has."""
+        _, keys_dir = self.measures(ctx)
+        lo, hi = _key_range(partition, partitions)
+        parts = []
+        for index, shard in enumerate(shards):
+            filters = [("key", ">=", lo)] + ([("key", "<", hi)] if hi else [])
+            found = pq.read_table(keys_dir / f"shard-{shard}.parquet", filters=filters)
+            parts.append(found.append_column("shard", pa.array([index] * found.num_rows, pa.int64())))
+        table = pa.concat_tables(parts).sort_by([("key", "ascending"), ("shard", "ascending"),
+                                                 ("row", "ascending")]) if parts else None
+        repeats = DUP_SCHEMA.empty_table()
+        if table is not None and table.num_rows > 1:
+            keys = table.column("key")
+            repeated = pa.concat_arrays([pa.array([False]), pc.equal(keys.slice(1), keys.slice(0, len(keys) - 1))
+                                         .combine_chunks()])
+            repeats = table.filter(repeated).select(DUP_SCHEMA.names).sort_by([("shard", "ascending"),
+                                                                                ("row", "ascending")])
+        path = keys_dir / f"dups-{partition:05d}.parquet"
+        tmp = temporary_name(path)
+        pq.write_table(repeats, tmp, row_group_size=65_536)
+        os.replace(tmp, path)
+        return repeats.num_rows
+
+    def write_shard(self, ctx: BuildContext, shard: str, partitions: int) -> dict:
+        """Pass 3: the shard without its repeated URLs; drops in source order, as one pass would give."""
+        started = time.monotonic()
+        measure, keys_dir = self.measures(ctx)
+        out = ctx.stage_dir(self.name)
+        rows = measure.read(shard)
+        repeated = set()
+        for p in range(partitions):
+            found = pq.read_table(keys_dir / f"dups-{p:05d}.parquet", filters=[("shard", "==", int(shard))])
+            repeated.update(found.column("row").to_pylist())
+        positions = rows.column("position").to_pylist()
+        drops = pq.read_table(measure.path / f"shard-{shard}.filtered.parquet").to_pylist()
+        drops = [(d.pop("position"), d) for d in drops]
+        keep = [i not in repeated for i in range(rows.num_rows)]
+        for i in sorted(repeated):
+            key = rows.column("key")[i].as_py()
+            drops.append((positions[i], {"key": key, "url": rows.column("url")[i].as_py(), "reason": "duplicate_url",
+                                         "dup_of": key, "detail": "the same URL was kept earlier in the metadata"}))
+        drops = [d for _, d in sorted(drops, key=lambda item: item[0])]
+        kept = rows.filter(pa.array(keep, pa.bool_())).drop_columns(["position"])
+        with out.writer(shard, kept.schema) as writer:
+            writer.write(kept)
+        stats = measure.stats(shard)
+        return out.finish(shard, drops, {"rows_in": stats["rows_in"], "rows_out": kept.num_rows,
+                                         "seconds": round(stats["seconds"] + time.monotonic() - started, 3)})
 
     @staticmethod
     def _schema(chunk: pa.Table) -> pa.Schema:
@@ -204,27 +343,25 @@ class Ingest(Stage):
         return pa.schema(list(BASE_SCHEMA) + extra)
 
     @staticmethod
-    def _split(chunk: pa.Table, seen: set[str], filters: MetadataFilters) -> tuple[list[dict], list[dict]]:
+    def _split(chunk: pa.Table, filters: MetadataFilters) -> tuple[list[dict], list[dict]]:
+        """Rows that pass the filters and the drops of the others, each with its ``position`` in the chunk."""
         rows, drops = [], []
-        for row in chunk.to_pylist():
+        for position, row in enumerate(chunk.to_pylist()):
             raw = row.get("url")
             url = raw.strip() if isinstance(raw, str) else ""
             key = url_key(url)
             if not url:
                 drops.append({"key": key, "url": None if raw is None else str(raw), "reason": "no_url",
-                              "detail": "no URL" if raw is None else f"not a URL: {raw!r}"[:200]})
+                              "detail": "no URL" if raw is None else f"not a URL: {raw!r}"[:200],
+                              "position": position})
                 continue
             rejected = filter_reason(row, filters)
             if rejected:
-                drops.append({"key": key, "url": url, "reason": rejected[0], "detail": rejected[1]})
+                drops.append({"key": key, "url": url, "reason": rejected[0], "detail": rejected[1],
+                              "position": position})
                 continue
-            # Only kept rows are remembered, so memory grows with what passes the filters.
-            if key in seen:
-                drops.append({"key": key, "url": url, "reason": "duplicate_url", "dup_of": key,
-                              "detail": "the same URL was kept earlier in the metadata"})
-                continue
-            seen.add(key)
-            row.update(key=key, url=url, width=_as_int(row.get("width")), height=_as_int(row.get("height")))
+            row.update(key=key, url=url, width=_as_int(row.get("width")), height=_as_int(row.get("height")),
+                       position=position)
             for column in ("similarity", "punsafe", "pwatermark"):
                 row[column] = _number(row.get(column))
             rows.append(row)
