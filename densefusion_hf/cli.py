@@ -43,8 +43,13 @@ def cli():
 @click.option("--repo", metavar="ORG/NAME", default=None, help="Hub dataset repo for --push.")
 @click.option("--version", "version", metavar="X.Y.Z", default=None,
               help="Version tagged on the Hub with --push [default: the recipe's version].")
+@click.option("--runner", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="Where the stages run: this process, or a Ray cluster (workers sized by the recipe's "
+                   "runner section; the work directory must be on a filesystem every node mounts).")
+@click.option("--ray-address", metavar="auto|HOST:PORT|ray://HOST:10001", default=None,
+              help="The Ray cluster to join with --runner ray [default: start a local Ray on this machine].")
 def build(recipe: Path, workdir: Path | None, only: str | None, fresh: bool, progress: bool, push: bool,
-          repo: str | None, version: str | None):
+          repo: str | None, version: str | None, runner: str, ray_address: str | None):
     """Build the dataset described by RECIPE (a builders/*.yaml file).
 
     Stages run in the recipe's order: ingest (metadata, keys, metadata filters), fetch (img2dataset
@@ -54,6 +59,7 @@ def build(recipe: Path, workdir: Path | None, only: str | None, fresh: bool, pro
     in WORKDIR/dataset). A build that is interrupted or crashes resumes where it stopped
     when run again; a recipe change that would make finished outputs wrong is refused until you pass
     --fresh. With --push, the dataset is then pushed to the Hub and tagged with its version.
+    With --runner ray the same stages run on a Ray cluster and publish the same files.
     """
     from densefusion_hf.runners.local import build as run_build, default_workdir, parse_only
     from densefusion_hf.recipe import load_recipe
@@ -68,7 +74,14 @@ def build(recipe: Path, workdir: Path | None, only: str | None, fresh: bool, pro
         raise UserError("--push pushes what this build publishes: include publish in --only (or drop --only).")
     if version is not None:
         _check_version(version)
-    results = run_build(loaded, workdir, only=only, fresh=fresh, show_progress=progress)
+    if ray_address and runner != "ray":
+        raise UserError("--ray-address is for --runner ray; add --runner ray (or drop --ray-address).")
+    if runner == "ray":
+        from densefusion_hf.runners.ray import build as ray_build
+
+        results = ray_build(loaded, workdir, only=only, fresh=fresh, show_progress=progress, address=ray_address)
+    else:
+        results = run_build(loaded, workdir, only=only, fresh=fresh, show_progress=progress)
     click.echo(f"Built {loaded.name} in {workdir}: {', '.join(results)} done.")
     if "publish" in results:
         folder = dataset_folder(loaded, workdir)

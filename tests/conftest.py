@@ -109,3 +109,10 @@ def demo_build(tmp_path_factory) -> Path:
     result = run_cli("build", str(DEMO_RECIPE), "--workdir", str(workdir), "--no-progress")
     assert result.returncode == 0, result.stderr + result.stdout
     return workdir
+
+
+# A Ray started by a test listens on loopback only (see densefusion_hf.runners.ray.LOCAL_ONLY_ENV), and so does a
+# `ray start --head` a test runs; set before anything imports ray.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a test cluster on loopback, joined by its own tests

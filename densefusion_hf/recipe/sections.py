@@ -335,6 +335,46 @@ class Publish:
 
 
 @dataclass
+class Workers:
+    """One stage's workers on a cluster (`df-hf build --runner ray`); these settings only change speed."""
+
+    cpus: float = option(1, gt=0, help="CPUs each worker (Ray task or actor) reserves")
+    gpus: float = option(0, ge=0, help="GPUs each worker reserves; a fraction shares one (0.5: two workers a GPU)")
+    workers: Optional[int] = option(None, ge=1, help="actors of a stage that holds a model (embed, caption; "
+                                                     "default: as many as the cluster's resources fit), or "
+                                                     "tasks in flight for the others (default: no limit)")
+    max_workers: Optional[int] = option(None, ge=1, help="autoscaling: start `workers` actors and add more, up "
+                                                         "to this many, while shards wait and the cluster has room")
+    batch_size: Optional[int] = option(None, ge=1, help="images per model call on these workers (embed: "
+                                                        "embed.batch_size, caption: caption.batch_size)")
+
+
+@dataclass
+class Runner:
+    """Resources of each stage's workers on a Ray cluster; the local runner ignores them."""
+
+    max_retries: int = option(3, ge=0, help="a shard whose worker dies (killed, out of memory, node lost) is "
+                                            "retried this many times on another worker, then the build stops")
+    ingest: Workers = option(factory=Workers, help="metadata reading and filtering, one task per shard")
+    fetch: Workers = option(factory=Workers, help="img2dataset downloads, one task per shard (give it the "
+                                                  "CPUs of fetch.processes)")
+    dedup: Workers = option(factory=Workers, help="perceptual hashing, one task per shard")
+    embed: Workers = option(factory=Workers, help="CLIP / SigLIP embedding actors")
+    semdedup: Workers = option(factory=Workers, help="centroid assignment and within-cluster search tasks")
+    select: Workers = option(factory=Workers, help="selection tasks")
+    caption: Workers = option(factory=Workers, help="Perceptual Fusion actors (experts + captioner)")
+    publish: Workers = option(factory=Workers, help="(runs on the driver: it writes the dataset folder)")
+
+    def __post_init__(self):
+        for name in STAGE_ORDER:
+            workers = getattr(self, name)
+            if workers.max_workers is not None and workers.max_workers < (workers.workers or 1):
+                raise SchemaProblem(f"runner.{name}.max_workers",
+                                    f"max_workers ({workers.max_workers}) is below workers ({workers.workers or 1}); "
+                                    f"it is the upper end of the range")
+
+
+@dataclass
 class Recipe:
     name: str = option(pattern=r"[a-z0-9][a-z0-9._-]*", help="dataset name (lower case, digits, . _ -)")
     source: Source = option(help="where the metadata comes from")
@@ -355,6 +395,8 @@ class Recipe:
     select: Select = option(factory=Select, help="selection")
     caption: Optional[Caption] = option(None, help="captioning; without this section no caption stage runs")
     publish: Publish = option(factory=Publish, help="output settings")
+    runner: Runner = option(factory=Runner, help="workers per stage on a Ray cluster (speed only: changing "
+                                                 "them never blocks a resume)")
 
     def __post_init__(self):
         if self.stages is None:

@@ -1,4 +1,8 @@
-"""The local runner: run a recipe's stages in order in one work directory, resuming by default."""
+"""The local runner: run a recipe's stages in order in one work directory, resuming by default.
+
+``build`` plans the stages (fingerprints, ``--only``, ``--fresh``), holds the work directory's lock and keeps
+the manifest; the stages' per-shard work goes to an executor: this process by default, a Ray cluster with
+``runners.ray.build``, which calls this same function."""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from densefusion_hf.errors import UserError
+from densefusion_hf.runners.executor import SerialExecutor
 from densefusion_hf.runners.manifest import MANIFEST_NAME, Manifest, fingerprint
 from densefusion_hf.recipe import Recipe
 from densefusion_hf.stages import STAGES
@@ -56,14 +61,19 @@ def _check_workdir(workdir: Path) -> None:
 
 
 def build(recipe: Recipe, workdir: Path, only: str | None = None, fresh: bool = False,
-          show_progress: bool = True) -> dict:
-    """Run the recipe; return {stage: summary}.  Raises UserError for anything the user can fix."""
+          show_progress: bool = True, executor=None) -> dict:
+    """Run the recipe; return {stage: summary}.  Raises UserError for anything the user can fix.
+
+    ``executor`` decides where the stages' per-shard work runs (default: this process; ``runners.ray``
+    passes its own)."""
     workdir = Path(workdir)
     selected = parse_only(only, recipe)
     _check_workdir(workdir)
-    ctx = BuildContext(recipe=recipe, workdir=workdir, show_progress=show_progress)
+    executor = executor or SerialExecutor()
+    ctx = BuildContext(recipe=recipe, workdir=workdir, show_progress=show_progress, executor=executor)
     results = {}
     with _locked(workdir):
+        executor.check_workdir(workdir)
         manifest = Manifest(workdir)
         if fresh:
             # A stage rebuilt from scratch invalidates everything after it too.

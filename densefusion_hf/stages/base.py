@@ -112,6 +112,30 @@ def with_images(ctx: BuildContext, rows: pa.Table, shard: str) -> pa.Table:
     return rows.append_column("image", fetched.column("image").take(pa.array(order, pa.int64())))
 
 
+def image_batches(ctx: BuildContext, rows: pa.Table, shard: str, batch_rows: int):
+    """``rows`` with their ``image`` bytes, about ``batch_rows`` at a time, read from fetch's shard as it goes:
+    a stage holds one batch of images, never a whole shard's.  Later stages only drop rows, so ``rows`` are
+    in the order of fetch's shard."""
+    if "image" in rows.column_names:
+        for start in range(0, rows.num_rows, batch_rows):
+            yield rows.slice(start, batch_rows)
+        return
+    wanted, done = rows.column("key").to_pylist(), 0
+    path = ctx.stage_dir("fetch").shard_path(shard)
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_rows, columns=["key", "image"]):
+        take = []
+        for i, key in enumerate(batch.column(0).to_pylist()):
+            if done + len(take) < len(wanted) and key == wanted[done + len(take)]:
+                take.append(i)
+        if take:
+            images = batch.column(1).take(pa.array(take, pa.int64()))
+            yield rows.slice(done, len(take)).append_column("image", images)
+            done += len(take)
+    if done != len(wanted):
+        raise RuntimeError(f"{path}: {len(wanted) - done} rows of this shard are not in fetch's shard in order; "
+                           f"the work directory is damaged: rebuild from fetch with --fresh --only fetch,...")
+
+
 def decode_rows(rows: pa.Table) -> tuple[list, list[bool], list[dict]]:
     """(RGB images of the rows that decode, which rows decoded, drop records of the others) for rows that
     carry ``image``: what a stage that feeds pixels to a model does first."""

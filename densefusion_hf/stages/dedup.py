@@ -21,9 +21,10 @@ from densefusion_hf.dedup.semantic import choose_kept
 from densefusion_hf.dedup.unionfind import connected_components
 from densefusion_hf.recipe import Recipe
 from densefusion_hf.stages.shards import StageDir
-from densefusion_hf.stages.base import BuildContext, GlobalStage, decision_table, with_images
+from densefusion_hf.stages.base import BuildContext, GlobalStage, decision_table, image_batches
 
 MEASURE_SCHEMA = pa.schema([("key", pa.string()), ("phash", pa.string())])
+HASH_BATCH = 2048  # images held at once while hashing
 
 
 def hash_hex(value: int | None, bits: int) -> str | None:
@@ -76,10 +77,12 @@ class Dedup(GlobalStage):
     def measure_shard(self, ctx: BuildContext, shard: str, source: StageDir) -> dict:
         """Hash one shard's images, resumable per shard."""
         settings, measures = ctx.recipe.dedup, self.measures(ctx)
-        rows = with_images(ctx, source.read(shard, columns=["key"]), shard)
+        rows = source.read(shard, columns=["key"])
         bits = settings.hash_size ** 2
-        hashes = phash_many(rows.column("image").to_pylist(), hash_size=settings.hash_size,
-                            algorithm=settings.algorithm, processes=settings.processes)
+        hashes = []
+        for batch in image_batches(ctx, rows, shard, HASH_BATCH):  # a bounded batch of images at a time
+            hashes += phash_many(batch.column("image").to_pylist(), hash_size=settings.hash_size,
+                                 algorithm=settings.algorithm, processes=settings.processes)
         table = pa.table({"key": rows.column("key"), "phash": [hash_hex(h, bits) for h in hashes]},
                          schema=MEASURE_SCHEMA)
         with measures.writer(shard, MEASURE_SCHEMA) as writer:

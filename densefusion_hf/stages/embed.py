@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 from densefusion_hf.models import ImageTextEmbedder, resolved_dtype_name
 from densefusion_hf.recipe import Recipe
 from densefusion_hf.stages.shards import StageDir, temporary_name
-from densefusion_hf.stages.base import BuildContext, ShardStage, decode_rows, with_images
+from densefusion_hf.stages.base import BuildContext, ShardStage, decode_rows, image_batches
 
 
 def embedding_paths(workdir: Path, shard: str) -> tuple[Path, Path]:
@@ -88,11 +88,10 @@ class Embed(ShardStage):
 
     def run_shard(self, ctx: BuildContext, shard: str, source: StageDir, out: StageDir) -> dict:
         started = time.monotonic()
-        rows = with_images(ctx, source.read(shard), shard)
-        batch_size = ctx.recipe.embed.batch_size
+        rows = source.read(shard)
         vectors, decoded, drops = [], [], []
-        for start in range(0, rows.num_rows, batch_size):
-            images, batch_decoded, batch_drops = decode_rows(rows.slice(start, batch_size))
+        for batch in image_batches(ctx, rows, shard, ctx.recipe.embed.batch_size):
+            images, batch_decoded, batch_drops = decode_rows(batch)
             decoded += batch_decoded
             drops += batch_drops
             if images:
@@ -115,7 +114,7 @@ class Embed(ShardStage):
         pq.write_table(metadata, tmp)
         os.replace(tmp, meta_path)
 
-        passthrough = rows.drop_columns(["image"])
+        passthrough = rows.drop_columns([c for c in ("image",) if c in rows.column_names])
         with out.writer(shard, passthrough.schema) as writer:
             writer.write(passthrough)
         return out.finish(shard, drops, {"rows_in": rows_in, "rows_out": rows.num_rows, "dim": int(dim),

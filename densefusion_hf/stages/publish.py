@@ -39,7 +39,7 @@ from densefusion_hf.recipe import Recipe
 from densefusion_hf.runners.report import stage_summary
 from densefusion_hf.publish.shard_plan import plan_row_groups, plan_shards
 from densefusion_hf.stages.shards import temporary_name
-from densefusion_hf.stages.base import BuildContext, Stage, with_images
+from densefusion_hf.stages.base import BuildContext, Stage, image_batches
 
 _DONE = "all"
 _MB = 1_000_000
@@ -96,11 +96,15 @@ def _row_bytes(table: pa.Table) -> list[int]:
     return [size + rest for size in images]
 
 
+_READ_BATCH = 256  # rows (with their images) read from the work directory at a time
+
+
 class _RowStream:
     """The upstream rows with their images, in shard order, handed out ``count`` at a time."""
 
     def __init__(self, ctx: BuildContext, source, shards: list[str]):
-        self._tables = (with_images(ctx, source.read(shard), shard) for shard in shards)
+        self._tables = (batch for shard in shards
+                        for batch in image_batches(ctx, source.read(shard), shard, _READ_BATCH))
         self._pending: list[pa.Table] = []
         self._pending_rows = 0
 
@@ -145,8 +149,7 @@ class Publish(Stage):
         """Pass 1: every row's size in a file, the card's statistics, the prompt versions met."""
         sizes, stats, prompt_versions = [], PublishedStats(bool(ctx.recipe.select.categories)), set()
         with progress(total, "publish: measure", "row", ctx.show_progress) as bar:
-            for shard in shards:
-                table = with_images(ctx, source.read(shard), shard)
+            for table in (b for shard in shards for b in image_batches(ctx, source.read(shard), shard, _READ_BATCH)):
                 sizes += _row_bytes(table)
                 stats.add(table)
                 if "prompt_version" in table.column_names:

@@ -1,0 +1,178 @@
+"""The Ray runner on a real local Ray (2 CPUs): the same published bytes as the local runner, workers and the
+driver killed mid-build, a work directory a node cannot see, and settings the cluster cannot meet."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from densefusion_hf.errors import RecipeError, UserError
+from densefusion_hf.recipe import load_recipe
+from tests.conftest import DEMO_RECIPE, REPO, run_cli, write_recipe
+
+ray = pytest.importorskip("ray")
+
+
+def _dataset_rows(workdir: Path) -> list[dict]:
+    files = sorted((workdir / "dataset" / "densefusion-demo").glob("*.parquet"))
+    return [row for f in files for row in pq.read_table(f).to_pylist()]
+
+
+def _published(workdir: Path) -> dict[str, bytes]:
+    folder = workdir / "dataset"
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def local_ray():
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_demo_on_ray_publishes_the_local_runners_bytes(demo_build, tmp_path):
+    workdir = tmp_path / "work"
+    result = run_cli("build", str(DEMO_RECIPE), "--workdir", str(workdir), "--runner", "ray", "--no-progress")
+    assert result.returncode == 0, result.stderr + result.stdout
+    ours, theirs = _published(workdir), _published(demo_build)
+    assert sorted(ours) == sorted(theirs)
+    for name in ours:
+        if name == "README.md":  # the card's loading code names the folder it was built in
+            assert ours[name].replace(str(workdir).encode(), b"W") == theirs[name].replace(str(demo_build).encode(),
+                                                                                            b"W")
+        else:
+            assert ours[name] == theirs[name], name
+    status = run_cli("status", str(workdir), "--json")
+    assert status.returncode == 0 and '"ingest"' in status.stdout
+
+
+def test_a_caption_actor_killed_mid_shard_is_replaced_and_the_rows_are_identical(demo_build, tmp_path, local_ray):
+    from densefusion_hf.runners.local import build
+    from densefusion_hf.runners.ray import RayExecutor
+
+    recipe, workdir = load_recipe(DEMO_RECIPE), tmp_path / "work"
+    executor = RayExecutor(recipe, "rerun")
+    failure = []
+
+    def run():
+        try:
+            build(recipe, workdir, show_progress=False, executor=executor)
+        except BaseException as exc:  # noqa: BLE001 - reported by the test
+            failure.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    killed = None
+    deadline = time.monotonic() + 600
+    while thread.is_alive() and time.monotonic() < deadline:
+        actors = executor.actors.get("caption") or []
+        saved = list((workdir / "caption" / "chunks").glob("*/shard-*.done"))
+        if actors and saved and killed is None:
+            killed = actors[0]
+            ray.kill(killed)  # mid-shard: the shard has saved chunks but is not done
+            break
+        time.sleep(0.05)
+    thread.join(timeout=900)
+    assert not thread.is_alive() and not failure, failure
+    assert killed is not None, "the caption stage finished before an actor could be killed"
+    assert executor.actors_started["caption"] > executor.pool_sizes["caption"]  # a replacement was started
+    assert _dataset_rows(workdir) == _dataset_rows(demo_build)
+
+
+def test_a_killed_driver_is_resumed_by_the_same_command(demo_build, tmp_path):
+    workdir = tmp_path / "work"
+    command = [sys.executable, "-m", "densefusion_hf", "build", str(DEMO_RECIPE), "--workdir", str(workdir),
+               "--runner", "ray", "--no-progress"]
+    child = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True)
+    marker = workdir / "embed" / "shard-00000.done"  # after fetch, dedup's decision and its first shards
+    deadline = time.monotonic() + 600
+    while not marker.exists() and time.monotonic() < deadline and child.poll() is None:
+        time.sleep(0.02)
+    os.killpg(child.pid, signal.SIGKILL)  # the driver and the local Ray it started
+    child.wait()
+    assert marker.exists() and not (workdir / "dataset").exists()
+    result = run_cli("build", str(DEMO_RECIPE), "--workdir", str(workdir), "--runner", "ray", "--no-progress")
+    assert result.returncode == 0, result.stderr
+    assert _dataset_rows(workdir) == _dataset_rows(demo_build)
+
+
+def _can_unshare() -> bool:
+    return subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(not _can_unshare(), reason="needs mount namespaces (root) to give a Ray node its own /tmp view")
+def test_a_work_directory_a_node_cannot_see_is_refused(tmp_path):
+    """The Ray node runs in its own mount namespace with an empty tmpfs over the work directory's parent: the
+    driver sees one folder there, the node another, as with a node-local path on a real cluster."""
+    shared = tmp_path / "nfs"
+    shared.mkdir()
+    port = _free_port()
+    script = (f"mount -t tmpfs none {shared} && exec {Path(sys.executable).parent / 'ray'} start --head "
+              f"--port={port} --num-cpus=1 --include-dashboard=false --disable-usage-stats --block")
+    node = subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-c", script],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert node.poll() is None, "ray start failed"
+                time.sleep(0.5)
+        recipe = write_recipe(tmp_path / "r.yaml", {"extends": str(DEMO_RECIPE)})
+        result = run_cli("build", str(recipe), "--workdir", str(shared / "work"), "--runner", "ray",
+                         "--ray-address", f"127.0.0.1:{port}", "--no-progress", timeout=300)
+        assert result.returncode != 0
+        assert "is not shared with Ray node" in result.stderr and "same path" in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
+        assert not (shared / "work" / "fetch").exists()  # refused before any stage ran
+    finally:
+        os.killpg(node.pid, signal.SIGKILL)
+        node.wait()
+
+
+def test_unknown_runner_settings_name_the_field(tmp_path):
+    recipe = write_recipe(tmp_path / "r.yaml", {"extends": str(DEMO_RECIPE), "runner": {"embed": {"gpu": 1}}})
+    with pytest.raises(RecipeError, match=r"runner\.embed.*gpu"):
+        load_recipe(recipe)
+    recipe = write_recipe(tmp_path / "r.yaml", {"extends": str(DEMO_RECIPE),
+                                                "runner": {"caption": {"workers": 4, "max_workers": 2}}})
+    with pytest.raises(RecipeError, match=r"runner\.caption.*max_workers"):
+        load_recipe(recipe)
+
+
+def test_gpus_asked_of_a_cluster_without_them_are_refused_before_anything_runs(tmp_path, local_ray):
+    from densefusion_hf.runners.ray import build
+
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", {"extends": str(DEMO_RECIPE),
+                                                            "runner": {"embed": {"gpus": 1}}}))
+    with pytest.raises(UserError, match=r"runner\.embed\.gpus is 1 but the Ray cluster has no GPUs"):
+        build(recipe, tmp_path / "work", show_progress=False)
+    assert not (tmp_path / "work" / "ingest").exists()
+
+
+def test_an_unreachable_address_is_a_clear_error(tmp_path):
+    started = time.monotonic()
+    result = run_cli("build", str(DEMO_RECIPE), "--workdir", str(tmp_path / "work"), "--runner", "ray",
+                     "--ray-address", f"127.0.0.1:{_free_port()}", "--no-progress", timeout=120)
+    assert result.returncode != 0
+    assert "no Ray cluster answers there" in result.stderr and "ray start --head" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert time.monotonic() - started < 60
