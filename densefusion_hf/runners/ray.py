@@ -150,11 +150,11 @@ class RayExecutor:
             workers: Workers = getattr(self.runner, name)
             if workers.gpus > total.get("GPU", 0):
                 have = int(total.get("GPU", 0))
-                raise UserError(f"{self.recipe.path}: runner.{name}.gpus is {workers.gpus} but the Ray cluster has "
+                raise UserError(f"{self.recipe.path}: runner.{name}.gpus is {workers.gpus:g} but the Ray cluster has "
                                 f"{'no GPUs' if not have else f'{have} GPUs'}. Add GPU nodes, or set "
                                 f"runner.{name}.gpus to 0 (and the stage's device to cpu).")
             if workers.cpus > total.get("CPU", 0):
-                raise UserError(f"{self.recipe.path}: runner.{name}.cpus is {workers.cpus} but the Ray cluster has "
+                raise UserError(f"{self.recipe.path}: runner.{name}.cpus is {workers.cpus:g} but the Ray cluster has "
                                 f"{total.get('CPU', 0):g} CPUs. Lower runner.{name}.cpus.")
 
     def check_workdir(self, workdir: Path) -> None:
