@@ -6,10 +6,10 @@ turns YAML into those dataclasses and names the field, what was found and what i
 
 from densefusion_hf.recipe.sections import (STAGE_ORDER, AltText, Boxes, Caption, Category, Dedup, Detector, Embed,
                                             Experts, Fetch, Generation, MetadataFilters, Ocr, OpenSetDetector,
-                                            Publish, Recipe, Resize, Select, SemDedup, Source, SourceColumns,
-                                            Subset, Tagger, load_recipe, model_sections, recipe_fields)
+                                            Publish, Recipe, Resize, Select, SemDedup, Server, ServerImage, Source,
+                                            SourceColumns, Subset, Tagger, load_recipe, model_sections, recipe_fields)
 
 __all__ = ["STAGE_ORDER", "AltText", "Boxes", "Caption", "Category", "Dedup", "Detector", "Embed", "Experts", "Fetch",
            "Generation", "MetadataFilters", "Ocr", "OpenSetDetector", "Publish", "Recipe", "Resize", "Select",
-           "SemDedup", "Source", "SourceColumns", "Subset", "Tagger", "load_recipe", "model_sections",
-           "recipe_fields"]
+           "SemDedup", "Server", "ServerImage", "Source", "SourceColumns", "Subset", "Tagger", "load_recipe",
+           "model_sections", "recipe_fields"]
