@@ -192,6 +192,8 @@ class OpenAiEngine:
                     return response
                 problem = f"HTTP {response.status_code} from {self.url}: {server_message(response)}"
                 if response.status_code not in RETRIED_STATUS and response.status_code < 500:
+                    if "repetition_penalty" in problem and "generation_config" not in self.fields:
+                        problem += " (a transformers serve server: set caption.server.generation_fields: transformers)"
                     raise CaptionFailed(problem)  # the request itself is wrong: asking again changes nothing
                 wait = max(wait, _retry_after(response))
             if attempt + 1 < attempts:
