@@ -3,15 +3,8 @@ with the tiny Llava, end to end through the caption stage; a loopback proxy in f
 requests; and a port where nothing listens."""
 
 import json
-import os
-import shutil
-import socket
-import subprocess
-import sys
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import httpx
 import pyarrow as pa
@@ -23,49 +16,19 @@ from densefusion_hf.runners.local import build
 from densefusion_hf.sample.tiny_models import build_tiny_llava
 from densefusion_hf.stages.caption import Captioner
 from densefusion_hf.stages.shards import StageDir
+from densefusion_hf.testing.transformers_serve import TransformersServe, free_port
 from tests.conftest import load_published
 from tests.test_caption import ROWS, captioned_rows, write_caption_recipe
 
 SECRET = "sk-test-4f1c9a0b7d2e"
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def llava_server(tmp_path_factory):
     """``transformers serve`` pinned to the tiny Llava, on a free loopback port; yields (base_url, model)."""
     model = str(build_tiny_llava(tmp_path_factory.mktemp("served") / "llava"))
-    port = free_port()
-    command = shutil.which("transformers", path=str(Path(sys.executable).parent)) or shutil.which("transformers")
-    assert command, "transformers serve needs transformers[serving]: pip install -e '.[test]'"
-    log = tmp_path_factory.mktemp("serve-log") / "serve.log"
-    with open(log, "wb") as out:
-        server = subprocess.Popen([command, "serve", model, "--host", "127.0.0.1", "--port", str(port),
-                                   "--device", "cpu"], stdout=out, stderr=subprocess.STDOUT,
-                                  env=dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1"))
-    base_url = f"http://127.0.0.1:{port}/v1"
-    try:
-        deadline = time.monotonic() + 240
-        while True:
-            assert server.poll() is None, log.read_text()
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "transformers serve did not start: " + log.read_text()
-            time.sleep(0.5)
-        yield base_url, model
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
+    with TransformersServe(model) as server:
+        yield server.base_url, model
 
 
 def openai_caption(base_url, model, **server):

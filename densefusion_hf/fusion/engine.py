@@ -42,7 +42,7 @@ def model_name(model: str) -> str:
 class MllmEngine:
     """A multimodal LLM through the image-text-to-text pipeline."""
 
-    def __init__(self, caption, workdir: Path, prompt_version: str):
+    def __init__(self, caption, workdir: Path, prompt_version: str, pipe=None):
         generation = caption.generation
         kwargs = {"max_new_tokens": generation.max_new_tokens, "do_sample": generation.do_sample,
                   "repetition_penalty": generation.repetition_penalty}
@@ -50,7 +50,7 @@ class MllmEngine:
             kwargs.update(temperature=generation.temperature, top_p=generation.top_p)
         self.generator = ChatGenerator(caption.model, workdir, caption.device, caption.dtype, caption.batch_size,
                                        kwargs, what="caption.model",
-                                       seed=generation.seed if generation.do_sample else None)
+                                       seed=generation.seed if generation.do_sample else None, pipe=pipe)
         self.pipe = self.generator.pipe
         self.name = model_name(caption.model)
         self.prompt_version = prompt_version
