@@ -7,6 +7,12 @@ CPU mode (default), with tiny random models built offline (nothing is downloaded
   each expert, box post-processing, prompt building and generation;
 * "everything that is not a model": decode + boxes + prompt per image, in milliseconds (the tiny models'
   forward passes are left out of it, since they stand for real models whose cost is elsewhere);
+* the same rows with ``--workers`` worker processes doing the first pass (decoding and every CPU
+  expert) of the next chunks while the current one generates, in the same run: images/s of both, and the
+  rate the slowest step allows;
+* the open-set detector's one pass per image against the zero-shot-object-detection pipeline;
+* the openai engine against ``transformers serve`` with the tiny Llava: per image, the stage's own work
+  (encoding the request, HTTP, parsing the reply) beside the server's time;
 * the tagger against its baseline in the same run: the ``zero-shot-image-classification`` pipeline
   called with the whole tag vocabulary as candidate labels, which embeds every tag again for every
   image; ours embeds the vocabulary once.  Both give the same scores (checked here).
@@ -17,7 +23,7 @@ image-text-to-text pipeline, generating exactly ``--tokens`` tokens per image, a
 prints images/s and generated tokens/s.  ``--gpu --shape tiny`` runs the same code on the CPU with a
 tiny shape, to check the script itself.
 
-    python benchmarks/caption_throughput.py [--images 48] [--chunk 16] [--no-ocr]
+    python benchmarks/caption_throughput.py [--images 48] [--chunk 16] [--workers 2] [--no-ocr] [--no-serve]
     python benchmarks/caption_throughput.py --gpu [--tokens 512] [--batch-sizes 1,4,8,16] [--shape llava-7b]
 """
 
@@ -25,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import os
 import sys
 import tempfile
 import time
@@ -71,6 +78,25 @@ class _Recipe:
         self.caption = caption
 
 
+def _bench_caption(experts, **changes) -> Caption:
+    fields = dict(engine="transformers", model="sample:tiny-llava", experts=experts,
+                  generation=Generation(max_new_tokens=16), batch_size=8)
+    fields.update(changes)
+    return Caption(**fields)
+
+
+def _run_stage(captioner, table: pa.Table, chunk: int) -> tuple[float, Counter, int]:
+    """(seconds, seconds per step summed, rows) of the stage's chunk loop over ``table``."""
+    seconds: Counter = Counter()
+    rows = 0
+    started = time.perf_counter()
+    parts = (table.slice(start, chunk) for start in range(0, table.num_rows, chunk))
+    for captioned, drops, stats in captioner.caption_chunks(parts):
+        seconds.update(stats["seconds_by_step"])
+        rows += captioned.num_rows + len(drops)
+    return time.perf_counter() - started, seconds, rows
+
+
 def cpu_benchmark(args) -> None:
     from densefusion_hf.stages.caption import Captioner
 
@@ -79,11 +105,10 @@ def cpu_benchmark(args) -> None:
                       detector=Detector(model="sample:tiny-detr", threshold=0.0),
                       open_set=OpenSetDetector(model="sample:tiny-owlvit", threshold=0.0, max_queries=3),
                       ocr=Ocr(engine=None if args.no_ocr else "rapidocr"))
-    caption = Caption(engine="transformers", model="sample:tiny-llava", experts=experts,
-                      generation=Generation(max_new_tokens=16), batch_size=8)
+    caption = _bench_caption(experts)
     started = time.perf_counter()
-    captioner = Captioner(_Recipe(caption), work)
-    print(f"models loaded (built on first use) in {time.perf_counter() - started:.1f} s")
+    captioner = Captioner(_Recipe(caption), work, workers=0)
+    print(f"{os.cpu_count()} CPU cores; models loaded (built on first use) in {time.perf_counter() - started:.1f} s")
 
     samples = _images(args.images)
     urls = [f"http://bench.test/{i}.jpg" for i in range(len(samples))]
@@ -91,23 +116,32 @@ def cpu_benchmark(args) -> None:
                       "image": [b for b, _ in samples]})
     captioner.caption_rows(table.slice(0, 2))  # warm-up: first calls allocate and compile
 
-    seconds: Counter = Counter()
-    rows = 0
-    started = time.perf_counter()
-    for start in range(0, table.num_rows, args.chunk):
-        captioned, drops, stats = captioner.caption_rows(table.slice(start, args.chunk))
-        seconds.update(stats["seconds_by_step"])
-        rows += captioned.num_rows + len(drops)
-    total = time.perf_counter() - started
-    print(f"\ncaption stage, tiny models, {rows} images in chunks of {args.chunk}: "
+    total, seconds, rows = _run_stage(captioner, table, args.chunk)
+    captioner.close()
+    print(f"\ncaption stage, sequential (workers: 0), tiny models, {rows} images in chunks of {args.chunk}: "
           f"{rows / total:.2f} images/s ({total:.2f} s)")
-    print(f"{'step':12s} {'ms/image':>10s} {'share':>7s}")
+    print(f"{'step':16s} {'ms/image':>10s} {'share':>7s}")
     for step, value in sorted(seconds.items(), key=lambda kv: -kv[1]):
-        print(f"{step:12s} {1000 * value / rows:10.2f} {value / total:7.1%}")
+        print(f"{step:16s} {1000 * value / rows:10.2f} {value / total:7.1%}")
     overhead = sum(seconds[s] for s in ("decode", "boxes", "prompt"))
     accounted = sum(seconds.values())
     print(f"not a model (decode + boxes + prompt): {1000 * overhead / rows:.2f} ms/image; "
           f"unaccounted (assembling rows): {1000 * (total - accounted) / rows:.2f} ms/image")
+
+    # The same rows with the first pass (decode + every CPU expert) in worker processes.
+    first_pass = sum(v for k, v in seconds.items() if k not in ("generate", "prompt", "boxes"))
+    slowest = max(first_pass / args.workers, seconds["generate"] + seconds["prompt"] + seconds["boxes"])
+    started = time.perf_counter()
+    overlapped = Captioner(_Recipe(caption), work, workers=args.workers)
+    overlapped.caption_rows(table.slice(0, 2))  # starts the workers and warms them up
+    print(f"\n{args.workers} worker processes started in {time.perf_counter() - started:.1f} s")
+    total_o, seconds_o, rows_o = _run_stage(overlapped, table, args.chunk)
+    overlapped.close()
+    print(f"caption stage, overlapped (workers: {args.workers}): {rows_o / total_o:.2f} images/s "
+          f"({total_o:.2f} s), {total / total_o:.2f}x the sequential stage; the slowest step "
+          f"(first pass over {args.workers} workers, or generation here) allows {rows / slowest:.2f} images/s")
+    print(f"  waited for the workers {1000 * seconds_o['wait_for_workers'] / rows_o:.1f} ms/image, "
+          f"generated {1000 * seconds_o['generate'] / rows_o:.1f} ms/image")
 
     # The tagger against the pipeline called with the whole vocabulary.
     from transformers import pipeline
@@ -132,6 +166,65 @@ def cpu_benchmark(args) -> None:
     print(f"  baseline zero-shot-image-classification pipeline: {len(images) / base_s:.2f} images/s")
     print(f"  ours (vocabulary embedded once):                 {len(images) / ours_s:.2f} images/s "
           f"({base_s / ours_s:.0f}x); largest score difference {worst:.2e}")
+
+    # The open-set detector: one pass per image with all its queries against the pipeline's pass per pair.
+    detector = next(e for e in captioner.experts if e.name == "open_set")
+    queries = [["person", "cup", "cat", "sign", "car", "tree", "dog", "book"][:8]] * len(images)
+    pipe = pipeline("zero-shot-object-detection", model=model_location("sample:tiny-owlvit", work), device="cpu")
+    started = time.perf_counter()
+    pipe([{"image": image, "candidate_labels": q} for image, q in zip(images, queries)], threshold=0.0)
+    base_s = time.perf_counter() - started
+    started = time.perf_counter()
+    detector.detect(images, queries)
+    ours_s = time.perf_counter() - started
+    print(f"\nopen-set detection, {len(images)} images x {len(queries[0])} queries (tiny OWL-ViT):")
+    print(f"  baseline zero-shot-object-detection pipeline: {len(images) / base_s:.2f} images/s")
+    print(f"  ours (one pass per image):                   {len(images) / ours_s:.2f} images/s "
+          f"({base_s / ours_s:.1f}x)")
+
+    if not args.no_serve:
+        serve_benchmark(work, table.slice(0, args.serve_images))
+
+
+def serve_benchmark(work: Path, table: pa.Table) -> None:
+    """The openai engine against ``transformers serve`` with the tiny Llava: where a request's time goes."""
+    import httpx
+
+    from densefusion_hf.models import model_location
+    from densefusion_hf.recipe import Server
+    from densefusion_hf.stages.caption import Captioner
+    from densefusion_hf.testing.transformers_serve import TransformersServe
+
+    folder = model_location("sample:tiny-llava", work)
+    started = time.perf_counter()
+    with TransformersServe(folder) as server:
+        print(f"\nopenai engine against transformers serve (tiny Llava, started in "
+              f"{time.perf_counter() - started:.1f} s), {table.num_rows} images, one request in flight "
+              f"(the server generates one at a time for vision models):")
+        caption = _bench_caption(Experts(ocr=Ocr(engine=None)), engine="openai", model=folder,
+                                 server=Server(base_url=server.base_url, generation_fields="transformers",
+                                               concurrency=1))
+        captioner = Captioner(_Recipe(caption), work, workers=0)
+        captioner.caption_rows(table.slice(0, 2))  # warm-up
+        captioner.engine.seconds.clear()
+        started = time.perf_counter()
+        _, _, stats = captioner.caption_rows(table)
+        total = time.perf_counter() - started
+        engine = captioner.engine.seconds
+        with httpx.Client(trust_env=False) as client:  # HTTP alone: a request the server answers at once
+            client.get(f"{server.base_url}/models")
+            started = time.perf_counter()
+            for _ in range(20):
+                client.get(f"{server.base_url}/models")
+            http = (time.perf_counter() - started) / 20
+        captioner.close()
+    n = table.num_rows
+    request = engine["request"] / n
+    print(f"  {n / total:.2f} images/s; per image: request {1000 * request:.2f} ms, of which HTTP about "
+          f"{1000 * http:.2f} ms (a GET /v1/models round trip) and the server {1000 * (request - http):.2f} ms")
+    print(f"  the stage's own work per image: encoding the request {1000 * engine['encode'] / n:.2f} ms, "
+          f"parsing the reply {1000 * engine['parse'] / n:.2f} ms, HTTP {1000 * http:.2f} ms, the rest of the "
+          f"stage (prompt, rows) {1000 * (total - stats['seconds_by_step']['generate']) / n:.2f} ms")
 
 
 SHAPES = {
@@ -230,6 +323,9 @@ def main(argv=None) -> int:
     parser.add_argument("--chunk", type=int, default=16, help="rows per caption_rows call, as rows_per_chunk")
     parser.add_argument("--tagger-images", type=int, default=8)
     parser.add_argument("--no-ocr", action="store_true", help="leave rapidocr out (about 1 s per image on a CPU)")
+    parser.add_argument("--workers", type=int, default=2, help="worker processes of the overlapped run")
+    parser.add_argument("--serve-images", type=int, default=8, help="images sent to transformers serve")
+    parser.add_argument("--no-serve", action="store_true", help="leave the transformers serve part out")
     parser.add_argument("--gpu", action="store_true", help="the full-size VLM generation benchmark")
     parser.add_argument("--shape", choices=sorted(SHAPES), default="llava-7b")
     parser.add_argument("--tokens", type=int, default=512)

@@ -27,10 +27,12 @@ class ChatGenerator:
     """An image-text-to-text pipeline loaded once, turning (image, text) pairs into generated text."""
 
     def __init__(self, model: str, workdir: Path, device: str, dtype: str, batch_size: int, generate_kwargs: dict,
-                 what: str, seed: int | None = None):
+                 what: str, seed: int | None = None, pipe=None):
         from densefusion_hf.models import load_pipeline
 
-        self.pipe = load_pipeline("image-text-to-text", model, workdir, device, dtype, half="bfloat16", what=what)
+        # ``pipe``: one built already (a benchmark's model made in memory); else loaded from ``model``.
+        self.pipe = pipe or load_pipeline("image-text-to-text", model, workdir, device, dtype, half="bfloat16",
+                                          what=what)
         tokenizer = getattr(self.pipe.processor, "tokenizer", None)
         if tokenizer is not None:
             tokenizer.padding_side = "left"  # decoder-only models generate after the prompt, so pad before it

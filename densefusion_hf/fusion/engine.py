@@ -4,7 +4,9 @@
 chat messages (the image, then the Perceptual Fusion prompt), batched, with the recipe's generation
 settings, loaded once per run (bfloat16 on cuda).  ``TemplateEngine`` needs no model: it writes the
 priors out as a structured description (see ``fusion.describe``), recorded as ``caption_model: template``.
-An engine returns, per image, the caption or the exception that stopped it.
+``OpenAiEngine`` (``fusion.openai_engine``) sends each image and prompt to an OpenAI-compatible server.
+An engine returns, per image, the caption or the exception that stopped it; ``blobs`` are the images'
+stored bytes, for engines that send them as they are.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ class TemplateEngine:
     def __init__(self, boxes_settings):
         self.small_area, self.large_area = boxes_settings.small_area, boxes_settings.large_area
 
-    def caption(self, images: list, priors: list[Priors], prompts: list[str]) -> list[str | Exception]:
+    def caption(self, images: list, priors: list[Priors], prompts: list[str],
+                blobs: list | None = None) -> list[str | Exception]:
         return [describe(p, self.small_area, self.large_area) for p in priors]
 
 
@@ -39,7 +42,7 @@ def model_name(model: str) -> str:
 class MllmEngine:
     """A multimodal LLM through the image-text-to-text pipeline."""
 
-    def __init__(self, caption, workdir: Path, prompt_version: str):
+    def __init__(self, caption, workdir: Path, prompt_version: str, pipe=None):
         generation = caption.generation
         kwargs = {"max_new_tokens": generation.max_new_tokens, "do_sample": generation.do_sample,
                   "repetition_penalty": generation.repetition_penalty}
@@ -47,12 +50,13 @@ class MllmEngine:
             kwargs.update(temperature=generation.temperature, top_p=generation.top_p)
         self.generator = ChatGenerator(caption.model, workdir, caption.device, caption.dtype, caption.batch_size,
                                        kwargs, what="caption.model",
-                                       seed=generation.seed if generation.do_sample else None)
+                                       seed=generation.seed if generation.do_sample else None, pipe=pipe)
         self.pipe = self.generator.pipe
         self.name = model_name(caption.model)
         self.prompt_version = prompt_version
 
-    def caption(self, images: list, priors: list[Priors], prompts: list[str]) -> list[str | Exception]:
+    def caption(self, images: list, priors: list[Priors], prompts: list[str],
+                blobs: list | None = None) -> list[str | Exception]:
         """Captions for a batch; if the batch fails, image by image, so one bad image costs one caption."""
         try:
             return self.generator.generate(images, prompts)
@@ -71,4 +75,8 @@ class MllmEngine:
 def load_engine(caption, workdir: Path, prompt_version: str):
     if caption.engine == "template":
         return TemplateEngine(caption.experts.boxes)
+    if caption.engine == "openai":
+        from densefusion_hf.fusion.openai_engine import OpenAiEngine
+
+        return OpenAiEngine(caption, prompt_version)
     return MllmEngine(caption, workdir, prompt_version)

@@ -2,7 +2,7 @@
 
     tagger     zero-shot image classification over the tag vocabulary (CLIP / SigLIP)
     detector   closed-set object detection (the object-detection pipeline: DETR / RT-DETR family)
-    open_set   open-set detection queried with the tagger's tags (zero-shot-object-detection: OWLv2 / OWL-ViT)
+    open_set   open-set detection queried with the tagger's tags (OWLv2 / OWL-ViT, one pass per image)
     ocr        rapidocr (PaddleOCR's models) or an image-text-to-text OCR model; lines in reading order
 
 Experts run in that order, because the open-set detector asks for the tags.  ``apply`` runs an expert on
@@ -136,8 +136,13 @@ class Detector(Expert):
 
 
 class OpenSetDetector(Expert):
-    """Open-set detection through the zero-shot-object-detection pipeline, each image queried with its own
-    best tags (no tags, no queries: nothing to look for)."""
+    """Open-set detection (OWLv2 / OWL-ViT), each image queried with its own best tags (no tags, no queries:
+    nothing to look for).
+
+    The zero-shot-object-detection pipeline runs the whole model once per (image, tag) pair.  Here each image
+    takes one vision pass with all its queries, and each query's logits go through the same post-processing
+    the pipeline applies to its pair, so the boxes and scores are the pipeline's.
+    """
 
     name = "open_set"
 
@@ -145,18 +150,89 @@ class OpenSetDetector(Expert):
         from densefusion_hf.models import load_pipeline
 
         self.settings = settings
-        self.pipe = load_pipeline("zero-shot-object-detection", settings.model, workdir, settings.device,
-                                  settings.dtype, what="caption.experts.open_set model")
+        pipe = load_pipeline("zero-shot-object-detection", settings.model, workdir, settings.device,
+                             settings.dtype, what="caption.experts.open_set model")
+        self.model, self.tokenizer, self.image_processor = pipe.model, pipe.tokenizer, pipe.image_processor
+
+    def detect(self, images: list, queries: list[list[str]]) -> list[list[dict]]:
+        """Per image, the pipeline's detections ({"score", "label", "box"}, surest first) for its queries."""
+        found = []
+        for start in range(0, len(images), self.settings.batch_size):
+            found.extend(self._detect_batch(images[start:start + self.settings.batch_size],
+                                            queries[start:start + self.settings.batch_size]))
+        return found
+
+    def _detect_batch(self, images: list, queries: list[list[str]]) -> list[list[dict]]:
+        import torch
+        from transformers.modeling_outputs import BaseModelOutput
+
+        # Queries tokenised one by one, as the pipeline does (so a tag too long fails as it does there), then
+        # padded together; the text tower pools at one position per query, unaffected by the padding.
+        tokens = [self.tokenizer(q, return_tensors="pt")["input_ids"][0] for qs in queries for q in qs]
+        widest = max(len(t) for t in tokens)
+        pad = self.tokenizer.pad_token_id or 0
+        input_ids = torch.full((len(tokens), widest), pad, dtype=torch.long)
+        attention = torch.zeros((len(tokens), widest), dtype=torch.long)
+        for row, ids in enumerate(tokens):
+            input_ids[row, :len(ids)] = ids
+            attention[row, :len(ids)] = 1
+        pixels = self.image_processor(images, return_tensors="pt")["pixel_values"].to(self.model.dtype)
+        device = self.model.device
+        most = max(len(qs) for qs in queries)
+        # The model takes the same number of queries per image: each image's own, then the first repeated
+        # (their outputs are ignored).
+        order, offset = [], 0
+        for qs in queries:
+            order.extend(list(range(offset, offset + len(qs))) + [offset] * (most - len(qs)))
+            offset += len(qs)
+        index = torch.tensor(order)
+        with torch.inference_mode():
+            outputs = self.model(input_ids=input_ids[index].to(device), attention_mask=attention[index].to(device),
+                                 pixel_values=pixels.to(device))
+        results = []
+        for i, (image, qs) in enumerate(zip(images, queries)):
+            target = torch.tensor([[image.height, image.width]], dtype=torch.int32)
+            detections = []
+            for q, label in enumerate(qs):
+                one = BaseModelOutput({"logits": outputs.logits[i:i + 1, :, q:q + 1].float().cpu(),
+                                       "pred_boxes": outputs.pred_boxes[i:i + 1].float().cpu()})
+                post = self.image_processor.post_process_object_detection(
+                    outputs=one, threshold=self.settings.threshold, target_sizes=target)[0]
+                for k in post["scores"].nonzero():
+                    xmin, ymin, xmax, ymax = post["boxes"][k][0].int().tolist()
+                    detections.append({"score": post["scores"][k].item(), "label": label,
+                                       "box": {"xmin": xmin, "ymin": ymin, "xmax": xmax, "ymax": ymax}})
+            results.append(sorted(detections, key=lambda d: d["score"], reverse=True))
+        return results
 
     def run(self, images, priors):
         asked = [i for i, p in enumerate(priors) if p.tags]
-        requests = [{"image": images[i], "candidate_labels": [t.label for t in priors[i].tags]
-                     [: self.settings.max_queries]} for i in asked]
-        outputs = self.pipe(requests, threshold=self.settings.threshold,
-                            batch_size=self.settings.batch_size) if requests else []
+        queries = [[t.label for t in priors[i].tags][: self.settings.max_queries] for i in asked]
+        outputs = self.detect([images[i] for i in asked], queries) if asked else []
         found = [_detections_to_boxes(dets, images[i], self.name) for i, dets in zip(asked, outputs)]
         for i, boxes in zip(asked, found):
             priors[i].boxes = priors[i].boxes + boxes
+
+
+def rapidocr_device(requested: str) -> str:
+    """Where rapidocr runs: cuda (onnxruntime's CUDA provider) when asked, or for auto when onnxruntime-gpu
+    is installed and a GPU is there; else cpu."""
+    if requested == "cpu":
+        return "cpu"
+    try:
+        import onnxruntime
+
+        has_provider = "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+    except ImportError:
+        has_provider = False
+    if requested == "cuda":
+        if not has_provider:
+            raise UserError("caption.experts.ocr.device is cuda but onnxruntime has no CUDA provider here; "
+                            "pip install onnxruntime-gpu (in place of onnxruntime), or use device: auto or cpu.")
+        return "cuda"
+    from densefusion_hf.models import pick_device
+
+    return "cuda" if has_provider and pick_device("auto") == "cuda" else "cpu"
 
 
 def reading_order(lines: list[tuple[str, float | None, np.ndarray]]) -> list[tuple[str, float | None]]:
@@ -185,14 +261,19 @@ class RapidOcr(Expert):
 
     name = "ocr"
 
-    def __init__(self, settings):
+    def __init__(self, settings, threads: int | None = None):
         try:
             from rapidocr import RapidOCR
         except ImportError as exc:
             raise UserError(f"caption.experts.ocr.engine is rapidocr but it cannot be imported ({exc}); "
                             f"pip install rapidocr onnxruntime") from None
         self.settings = settings
-        self.engine = RapidOCR(params={"Global.log_level": "error"})
+        params = {"Global.log_level": "error"}
+        if rapidocr_device(settings.device) == "cuda":
+            params["EngineConfig.onnxruntime.use_cuda"] = True
+        if threads:  # one worker process among several: share the cores instead of each taking all of them
+            params["EngineConfig.onnxruntime.intra_op_num_threads"] = threads
+        self.engine = RapidOCR(params=params)
         logging.getLogger("RapidOCR").setLevel(logging.ERROR)
 
     def read(self, image) -> list[OcrLine]:
@@ -231,18 +312,49 @@ class TransformersOcr(Expert):
             prior.ocr = lines
 
 
-def load_experts(caption, workdir: Path) -> list[Expert]:
-    """The experts a recipe's ``caption.experts`` enables, loaded once, in the order they must run."""
+EXPERT_ORDER = ("tagger", "detector", "open_set", "ocr")
+
+
+def enabled_experts(caption) -> list[str]:
+    """The names of the experts a recipe enables, in the order they run."""
     settings = caption.experts
+    return [name for name, on in (("tagger", settings.tagger.model), ("detector", settings.detector.model),
+                                  ("open_set", settings.open_set.model), ("ocr", settings.ocr.engine)) if on]
+
+
+def expert_device(caption, name: str) -> str:
+    from densefusion_hf.models import pick_device
+
+    section = getattr(caption.experts, name)
+    if name == "ocr" and section.engine == "rapidocr":
+        return rapidocr_device(section.device)
+    return pick_device(section.device)
+
+
+def cpu_experts(caption) -> list[str]:
+    """The enabled experts that run on the CPU and need nothing from an expert that does not: the ones a
+    pool of worker processes can run apart from the GPU (the open-set detector needs the tagger's tags)."""
+    names = []
+    for name in enabled_experts(caption):
+        if expert_device(caption, name) == "cpu" and (name != "open_set" or "tagger" in names):
+            names.append(name)
+    return names
+
+
+def load_experts(caption, workdir: Path, names: list[str] | None = None, threads: int | None = None) -> list[Expert]:
+    """The experts a recipe's ``caption.experts`` enables (or those of them in ``names``), loaded once, in the
+    order they must run.  ``threads`` caps the CPU threads of rapidocr (worker processes)."""
+    settings = caption.experts
+    wanted = enabled_experts(caption) if names is None else [n for n in enabled_experts(caption) if n in names]
     experts: list[Expert] = []
-    if settings.tagger.model:
+    if "tagger" in wanted:
         experts.append(Tagger(settings.tagger, workdir))
-    if settings.detector.model:
+    if "detector" in wanted:
         experts.append(Detector(settings.detector, workdir))
-    if settings.open_set.model:
+    if "open_set" in wanted:
         experts.append(OpenSetDetector(settings.open_set, workdir))
-    if settings.ocr.engine == "rapidocr":
-        experts.append(RapidOcr(settings.ocr))
-    elif settings.ocr.engine == "transformers":
+    if "ocr" in wanted and settings.ocr.engine == "rapidocr":
+        experts.append(RapidOcr(settings.ocr, threads))
+    elif "ocr" in wanted and settings.ocr.engine == "transformers":
         experts.append(TransformersOcr(settings.ocr, workdir))
     return experts

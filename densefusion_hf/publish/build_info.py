@@ -58,7 +58,7 @@ def caption_info(recipe: Recipe, prompt_versions: list[str]) -> dict | None:
     experts = caption.experts
     info = {
         "engine": caption.engine,
-        "model": _model_name(caption.model) if caption.engine == "transformers" else "template",
+        "model": _model_name(caption.model) if caption.engine != "template" else "template",
         "experts": {
             "tagger": _model_name(experts.tagger.model),
             "detector": _model_name(experts.detector.model),
@@ -72,7 +72,7 @@ def caption_info(recipe: Recipe, prompt_versions: list[str]) -> dict | None:
         "prompt_versions": prompt_versions,
         "prompt": None,
     }
-    if caption.engine == "transformers":
+    if caption.engine != "template":
         from densefusion_hf.fusion.prompt import PromptTemplate
 
         info["prompt"] = PromptTemplate.load(caption.prompt_template).body.strip()

@@ -207,8 +207,8 @@ class OpenSetDetector:
     model: Optional[str] = option(None, help="OWLv2 / OWL-ViT model (Hub id or local folder); null disables it")
     threshold: float = option(0.2, ge=0, le=1, help="keep boxes whose confidence reaches this")
     max_queries: int = option(16, ge=1, help="query with at most this many tags (the best ones)")
-    batch_size: int = option(4, ge=1, help="(image, tag) pairs per forward pass: the pipeline runs one pass "
-                                            "per tag (does not change the output)")
+    batch_size: int = option(4, ge=1, help="images per forward pass, each with all its queries (does not "
+                                            "change the output)")
     device: Device = option("auto", help="auto: cuda when present, else cpu")
     dtype: Dtype = option("auto", help="auto: float16 on cuda, float32 on cpu")
 
@@ -226,7 +226,8 @@ class Ocr:
     max_lines: int = option(20, ge=1, help="keep at most this many lines, in reading order")
     max_new_tokens: int = option(256, ge=1, help="transformers OCR: longest text read, in tokens")
     batch_size: int = option(4, ge=1, help="transformers OCR: images per generation batch")
-    device: Device = option("auto", help="transformers OCR: auto uses cuda when present")
+    device: Device = option("auto", help="transformers OCR: auto uses cuda when present; rapidocr: cuda runs "
+                                         "onnxruntime's CUDA provider, auto does when onnxruntime-gpu sees a GPU")
     dtype: Dtype = option("auto", help="transformers OCR: auto is bfloat16 on cuda, float32 on cpu")
 
     def __post_init__(self):
@@ -293,13 +294,50 @@ class Generation:
 
 
 @dataclass
+class ServerImage:
+    """How the image travels to an OpenAI-compatible server: a base64 data URL."""
+
+    max_side: Optional[int] = option(None, ge=16, help="re-encode with the longer side capped at this many pixels "
+                                                       "(null: the stored bytes when JPEG/PNG/WebP, else PNG)")
+    format: Optional[Literal["jpeg", "png", "webp"]] = option(
+        None, help="re-encode in this format (null: the stored bytes when JPEG/PNG/WebP and max_side is null)")
+    quality: int = option(95, ge=1, le=100, help="quality of re-encoded jpeg/webp images")
+
+
+@dataclass
+class Server:
+    """An OpenAI-compatible /v1/chat/completions server (vLLM, SGLang, TGI, transformers serve), engine openai."""
+
+    base_url: str = option("http://127.0.0.1:8000/v1", pattern=r"https?://\S+",
+                           help="the server's API root, ending in /v1")
+    api_key_env: Optional[str] = option(None, pattern=r"[A-Za-z_][A-Za-z0-9_]*",
+                                        help="name of the environment variable holding the API key (the key "
+                                             "itself never goes in the recipe); null: no key")
+    generation_fields: Literal["openai", "transformers"] = option(
+        "openai", help="openai: max_tokens, temperature, top_p, seed and repetition_penalty as request fields "
+                       "(vLLM, SGLang); transformers: one generation_config JSON field (transformers serve)")
+    image: ServerImage = option(factory=ServerImage, help="image encoding")
+    concurrency: int = option(16, ge=1, help="requests in flight at once (does not change the output)")
+    timeout: float = option(600.0, gt=0, help="seconds before a request is abandoned (then retried)")
+    retries: int = option(3, ge=0, help="retries of a request after a 429, a 5xx, a timeout or a connection error")
+    backoff: float = option(1.0, ge=0, help="seconds before the first retry, doubled after each one "
+                                            "(a Retry-After header is honoured)")
+
+
+@dataclass
 class Caption:
     """Perceptual Fusion: vision experts give priors, a multimodal LLM writes the caption from image + priors."""
 
-    engine: Literal["transformers", "template"] = option(
-        "transformers", help="transformers: an image-text-to-text model; template: the priors written out as a "
+    engine: Literal["transformers", "openai", "template"] = option(
+        "transformers", help="transformers: an image-text-to-text model in this process; openai: an "
+                             "OpenAI-compatible server (caption.server); template: the priors written out as a "
                              "structured description (offline, no model)")
-    model: Optional[str] = option(None, help="the multimodal LLM (Hub id or local folder), engine transformers")
+    model: Optional[str] = option(None, help="the multimodal LLM: a Hub id or local folder (engine transformers), "
+                                             "or the served model's name (engine openai)")
+    server: Server = option(factory=Server, help="the server, engine openai")
+    workers: int = option(0, ge=0, help="processes that decode the next chunks and run their CPU experts (OCR, "
+                                        "experts on device cpu) while the current chunk generates; 0: all in "
+                                        "this process, one step after the other (does not change the output)")
     prompt_template: Optional[Path] = option(None, help="prompt template file (default: the package's "
                                                          "Perceptual Fusion prompt)")
     experts: Experts = option(factory=Experts, help="vision experts")
@@ -313,6 +351,9 @@ class Caption:
         if self.engine == "transformers" and not self.model:
             raise SchemaProblem("caption.model", "engine 'transformers' needs a model (a Hub id or a local folder); "
                                                  "or use engine: template to write the priors without a model")
+        if self.engine == "openai" and not self.model:
+            raise SchemaProblem("caption.model", "engine 'openai' needs the served model's name (as the server's "
+                                                 "/v1/models lists it)")
 
 
 @dataclass
@@ -486,7 +527,9 @@ def model_sections(recipe: Recipe) -> list:
     sections = [recipe.embed]
     if recipe.caption:
         experts = recipe.caption.experts
-        sections += [recipe.caption, experts.tagger, experts.detector, experts.open_set, experts.ocr]
+        # A served model is named as its server knows it, never resolved as a local folder.
+        sections += [recipe.caption] if recipe.caption.engine != "openai" else []
+        sections += [experts.tagger, experts.detector, experts.open_set, experts.ocr]
     return sections
 
 

@@ -24,6 +24,7 @@ import time
 from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
+from typing import Iterable, Iterator
 
 import pyarrow as pa
 
@@ -31,13 +32,15 @@ from densefusion_hf.errors import UserError
 from densefusion_hf.fusion.boxes import postprocess
 from densefusion_hf.fusion.describe import TEMPLATE_VERSION
 from densefusion_hf.fusion.engine import load_engine
-from densefusion_hf.fusion.experts import apply, load_experts, read_vocabulary
-from densefusion_hf.fusion.priors import PRIORS_TYPE, Priors, clean_alt_text
+from densefusion_hf.fusion.experts import (EXPERT_ORDER, apply, cpu_experts, enabled_experts, load_experts,
+                                           read_vocabulary)
+from densefusion_hf.fusion.priors import PRIORS_TYPE, Priors
+from densefusion_hf.fusion.workers import Prepared, PriorsPool, first_pass
 from densefusion_hf.fusion.prompt import PromptTemplate
 from densefusion_hf.models import resolved_dtype_name
 from densefusion_hf.recipe import Recipe
 from densefusion_hf.stages.shards import StageDir, atomic_write_bytes, atomic_write_json, shard_name
-from densefusion_hf.stages.base import BuildContext, ShardStage, decode_rows, with_images
+from densefusion_hf.stages.base import BuildContext, ShardStage, with_images
 
 CAPTION_FIELDS = [
     pa.field("caption", pa.string()),
@@ -76,54 +79,94 @@ def _expert_params(caption) -> dict:
 
 
 class Captioner:
-    """Experts + prompt + engine, loaded once; ``caption_rows`` captions a table of rows with images."""
+    """Experts + prompt + engine, loaded once; ``caption_rows`` captions a table of rows with images,
+    ``caption_chunks`` a sequence of them, with the next chunks' first pass in worker processes when
+    ``caption.workers`` is set.  ``close`` stops the workers and the engine's connections."""
 
-    def __init__(self, recipe: Recipe, workdir: Path, generate: bool = True):
+    def __init__(self, recipe: Recipe, workdir: Path, generate: bool = True, workers: int | None = None):
         self.settings = recipe.caption
         self.template = PromptTemplate.load(self.settings.prompt_template)
-        self.experts = load_experts(self.settings, workdir)
-        self.engine = load_engine(self.settings, workdir, self.template.prompt_version) if generate else None
+        workers = self.settings.workers if workers is None else workers
+        offloaded = cpu_experts(self.settings) if workers else []
+        self.experts = load_experts(self.settings, workdir, [n for n in enabled_experts(self.settings)
+                                                             if n not in offloaded])
+        self.pool = PriorsPool(self.settings, workdir, offloaded, workers) if workers else None
+        try:
+            self.engine = load_engine(self.settings, workdir, self.template.prompt_version) if generate else None
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
+            self.pool = None
+        close = getattr(getattr(self, "engine", None), "close", None)
+        if close is not None:
+            close()
+
+    def prepared(self, parts: Iterable[pa.Table]) -> Iterator[Prepared]:
+        """Each part after every expert (in workers for the offloaded ones, then here for the others) and the
+        box post-processing."""
+        if self.pool is None:
+            firsts = (first_pass(self.settings, self.experts, part) for part in parts)
+            local = []
+        else:
+            firsts = self.pool.prepared(parts)
+            local = self.experts
+        for chunk in firsts:
+            for expert in local:
+                started = time.perf_counter()
+                apply(expert, chunk.images, chunk.priors)
+                chunk.seconds[expert.name] += time.perf_counter() - started
+            started = time.perf_counter()
+            for prior in chunk.priors:
+                # Experts append in the order they ran; put boxes and failures in the experts' own order, so
+                # where an expert ran never changes the priors.
+                prior.boxes = sorted(prior.boxes, key=lambda b: EXPERT_ORDER.index(b.expert))
+                prior.failures = sorted(prior.failures, key=lambda f: EXPERT_ORDER.index(f.expert))
+                prior.boxes = postprocess(prior.boxes, self.settings.experts.boxes)
+            chunk.seconds["boxes"] += time.perf_counter() - started
+            yield chunk
 
     def priors_for(self, rows: pa.Table) -> tuple[list, list[Priors], list[bool], list[dict], dict]:
         """(decoded images, their priors, which rows decoded, drops, seconds per step) for rows that carry
         ``image``."""
-        seconds: Counter = Counter()
-        started = time.perf_counter()
-        images, keep, drops = decode_rows(rows)
-        alt = self.settings.experts.alt_text
-        texts = [text for text, ok in zip(rows.column("text").to_pylist(), keep) if ok]
-        priors = [Priors(alt_text=clean_alt_text(text, alt.max_chars) if alt.enabled else "") for text in texts]
-        seconds["decode"] += time.perf_counter() - started
-        for expert in self.experts:
-            started = time.perf_counter()
-            apply(expert, images, priors)
-            seconds[expert.name] += time.perf_counter() - started
-        started = time.perf_counter()
-        for prior in priors:
-            prior.boxes = postprocess(prior.boxes, self.settings.experts.boxes)
-        seconds["boxes"] += time.perf_counter() - started
-        return images, priors, keep, drops, dict(seconds)
+        chunk = next(self.prepared([rows]))
+        return chunk.images, chunk.priors, chunk.decoded, chunk.drops, dict(chunk.seconds)
 
     def prompts_for(self, priors: list[Priors]) -> list[str]:
         return [self.template.render(p) for p in priors]
 
+    def caption_chunks(self, parts: Iterable[pa.Table]) -> Iterator[tuple[pa.Table, list[dict], dict]]:
+        """``caption_rows`` of each part, in order; the first pass of the next parts overlaps this one's
+        generation when there are workers."""
+        for chunk in self.prepared(parts):
+            yield self._caption_prepared(chunk)
+
     def caption_rows(self, rows: pa.Table) -> tuple[pa.Table, list[dict], dict]:
         """(captioned rows without image bytes, drops, stats: seconds per step and failures per expert)."""
-        images, priors, decoded, drops, seconds = self.priors_for(rows)
-        rows = rows.filter(pa.array(decoded, pa.bool_())) if drops else rows
+        return next(self.caption_chunks([rows]))
+
+    def _caption_prepared(self, chunk: Prepared) -> tuple[pa.Table, list[dict], dict]:
+        images, priors, drops, seconds = chunk.images, chunk.priors, chunk.drops, dict(chunk.seconds)
+        rows = chunk.rows.filter(pa.array(chunk.decoded, pa.bool_())) if drops else chunk.rows
         started = time.perf_counter()
         prompts = self.prompts_for(priors)
         seconds["prompt"] = time.perf_counter() - started
         started = time.perf_counter()
-        captions = self.engine.caption(images, priors, prompts) if images else []
+        blobs = rows.column("image").to_pylist() if self.settings.engine == "openai" else None
+        captions = self.engine.caption(images, priors, prompts, blobs=blobs) if images else []
         seconds["generate"] = time.perf_counter() - started
         failed = [c for c in captions if isinstance(c, Exception)]
         if len(images) > 1 and len(failed) == len(images):
             # Every image failing is the captioner's problem (memory, a broken chat template), not the
             # images': stop before the chunk is saved, so a rerun after the fix captions these rows.
+            hint = ("check the server and caption.server" if self.settings.engine == "openai"
+                    else "a smaller caption.batch_size for out-of-memory errors")
             raise UserError(f"The caption model failed on every image of a chunk ({len(images)} images); nothing "
-                            f"of the chunk was saved. The first error: {failed[0]}. Fix the cause (a smaller "
-                            f"caption.batch_size for out-of-memory errors) and run the same command again.")
+                            f"of the chunk was saved. The first error: {failed[0]}. Fix the cause ({hint}) and "
+                            f"run the same command again.")
 
         kept = []
         for i, (key, url, caption) in enumerate(zip(rows.column("key").to_pylist(), rows.column("url").to_pylist(),
@@ -166,8 +209,12 @@ class Caption(ShardStage):
             for name in ("temperature", "top_p", "seed"):
                 generation.pop(name)
         params.update(prompt_version=template.prompt_version, prompt_sha256=template.sha256, model=caption.model,
-                      generation=generation,
-                      dtype=resolved_dtype_name(caption.dtype, caption.device, half="bfloat16"))
+                      generation=generation)
+        if caption.engine == "openai":
+            # What the server is asked and sees; not where it is, nor concurrency, timeouts and retries.
+            params.update(image=asdict(caption.server.image), generation_fields=caption.server.generation_fields)
+        else:
+            params["dtype"] = resolved_dtype_name(caption.dtype, caption.device, half="bfloat16")
         return params
 
     def has_outputs(self, ctx: BuildContext) -> bool:
@@ -180,6 +227,7 @@ class Caption(ShardStage):
         try:
             yield
         finally:
+            self.captioner.close()
             del self.captioner
 
     def chunk_dir(self, ctx: BuildContext, shard: str) -> StageDir:
@@ -208,19 +256,19 @@ class Caption(ShardStage):
         names = [shard_name(i) for i in range(max(1, -(-rows.num_rows // size)))]
         if not all(chunks.is_done(name) for name in names):
             rows = with_images(ctx, rows, shard)  # the bytes of the whole shard, joined once
-        for index, name in enumerate(names):
-            if chunks.is_done(name):
-                continue
-            part = rows.slice(index * size, size)
-            chunk_started = time.monotonic()
-            captioned, drops, stats = self.captioner.caption_rows(part)
+        todo = [index for index, name in enumerate(names) if not chunks.is_done(name)]
+        parts = (rows.slice(index * size, size) for index in todo)
+        chunk_started = time.monotonic()
+        for index, (captioned, drops, stats) in zip(todo, self.captioner.caption_chunks(parts)):
+            name, rows_in = names[index], min(size, rows.num_rows - index * size)
             with chunks.writer(name, captioned.schema) as writer:
                 writer.write(captioned)
-            chunks.finish(name, drops, {"rows_in": part.num_rows, "rows_out": captioned.num_rows,
+            chunks.finish(name, drops, {"rows_in": max(rows_in, 0), "rows_out": captioned.num_rows,
                                         "expert_failures": stats["expert_failures"],
                                         "seconds_by_step": {k: round(v, 4) for k, v in
                                                             stats["seconds_by_step"].items()},
                                         "seconds": round(time.monotonic() - chunk_started, 3)})
+            chunk_started = time.monotonic()
         # chunk_size left only this shard's chunks, all done now: the folder's own readers see exactly them.
         joined = pa.concat_tables([chunks.read(name) for name in names])
         stats = chunks.all_stats()
@@ -245,7 +293,7 @@ def write_prompts(recipe: Recipe, workdir: Path, upstream: str, output: Path, li
     """The dry run: priors and prompts of the first ``limit`` rows upstream, one JSON object per line (a row
     whose image does not decode gets its drop reason instead); returns (prompts, rows dropped)."""
     source = StageDir(workdir, upstream)
-    captioner = Captioner(recipe, workdir, generate=False)
+    captioner = Captioner(recipe, workdir, generate=False, workers=0)  # a few rows: no pool to start
     ctx = BuildContext(recipe=recipe, workdir=workdir, show_progress=False)
     lines, dropped = [], 0
     for shard in source.done_shards():
