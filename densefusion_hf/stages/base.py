@@ -136,6 +136,21 @@ def image_batches(ctx: BuildContext, rows: pa.Table, shard: str, batch_rows: int
                            f"the work directory is damaged: rebuild from fetch with --fresh --only fetch,...")
 
 
+def image_chunks(ctx: BuildContext, rows: pa.Table, shard: str, size: int):
+    """``rows`` with their images in consecutive tables of exactly ``size`` rows (the last may be shorter), read
+    a batch at a time like ``image_batches``."""
+    pending, count = [], 0
+    for batch in image_batches(ctx, rows, shard, size):
+        pending.append(batch)
+        count += batch.num_rows
+        while count >= size:
+            joined = pa.concat_tables(pending)
+            yield joined.slice(0, size)
+            pending, count = [joined.slice(size)], count - size
+    if count:
+        yield pa.concat_tables(pending)
+
+
 def decode_rows(rows: pa.Table) -> tuple[list, list[bool], list[dict]]:
     """(RGB images of the rows that decode, which rows decoded, drop records of the others) for rows that
     carry ``image``: what a stage that feeds pixels to a model does first."""

@@ -40,7 +40,7 @@ from densefusion_hf.fusion.prompt import PromptTemplate
 from densefusion_hf.models import resolved_dtype_name
 from densefusion_hf.recipe import Recipe
 from densefusion_hf.stages.shards import StageDir, atomic_write_bytes, atomic_write_json, shard_name
-from densefusion_hf.stages.base import BuildContext, ShardStage, with_images
+from densefusion_hf.stages.base import BuildContext, ShardStage, image_chunks, with_images
 
 CAPTION_FIELDS = [
     pa.field("caption", pa.string()),
@@ -254,10 +254,12 @@ class Caption(ShardStage):
         chunks.prepare()
         size = self.chunk_size(chunks, ctx.recipe.caption.rows_per_chunk, rows.num_rows)
         names = [shard_name(i) for i in range(max(1, -(-rows.num_rows // size)))]
-        if not all(chunks.is_done(name) for name in names):
-            rows = with_images(ctx, rows, shard)  # the bytes of the whole shard, joined once
         todo = [index for index, name in enumerate(names) if not chunks.is_done(name)]
-        parts = (rows.slice(index * size, size) for index in todo)
+        wanted = set(todo)
+        # One chunk's image bytes at a time, read from fetch's shard as the chunks are captioned.
+        parts = (chunk for index, chunk in enumerate(image_chunks(ctx, rows, shard, size)) if index in wanted)
+        if not rows.num_rows and todo:
+            parts = iter([with_images(ctx, rows, shard)])
         chunk_started = time.monotonic()
         for index, (captioned, drops, stats) in zip(todo, self.captioner.caption_chunks(parts)):
             name, rows_in = names[index], min(size, rows.num_rows - index * size)
