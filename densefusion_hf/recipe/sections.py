@@ -70,6 +70,12 @@ class Resize:
                                                        "null keeps the original bytes untouched")
 
 
+# Defaults admit every real photograph (a 150-megapixel camera file) and refuse decompression bombs;
+# the pixel limit is Pillow's own refusal threshold, so Pillow never refuses an image fetch let through.
+DEFAULT_MAX_BYTES = 128 * 2**20
+DEFAULT_MAX_PIXELS = 178_956_970
+
+
 @dataclass
 class Fetch:
     """Downloading with img2dataset."""
@@ -82,6 +88,25 @@ class Fetch:
     processes: int = option(1, ge=1, help="img2dataset download processes (does not change the output)")
     threads: int = option(16, ge=1, help="download threads per process (does not change the output)")
     user_agent_token: Optional[str] = option(None, help="token added to the User-Agent header")
+    allow_private_addresses: bool = option(False, help="also fetch from loopback, private, link-local and other "
+                                                       "non-public addresses (off: such URLs are dropped as "
+                                                       "blocked_address)")
+    allow_networks: list[str] = option(factory=list, help="non-public networks (10.0.0.0/8) or endpoints "
+                                                          "(10.1.2.3:8080) that may be fetched from")
+    max_bytes: Optional[int] = option(DEFAULT_MAX_BYTES, ge=1, help="largest download in bytes; larger ones are "
+                                                                    "dropped as too_large (null: no limit)")
+    max_pixels: Optional[int] = option(DEFAULT_MAX_PIXELS, ge=1, help="largest image in pixels (width x height), "
+                                                                      "read from its header before decoding; "
+                                                                      "larger ones are dropped as too_large")
+
+    def __post_init__(self):
+        from densefusion_hf.netguard.addresses import parse_allowed
+
+        for i, entry in enumerate(self.allow_networks):
+            try:
+                parse_allowed(entry)
+            except ValueError as exc:
+                raise SchemaProblem(f"fetch.allow_networks[{i}]", str(exc)) from None
 
 
 @dataclass
