@@ -55,7 +55,7 @@ def address_kind(ip: IPAddress) -> str | None:
             return f"{inner} (IPv4 {embedded} inside IPv6)" if inner else None
         if ip in ipaddress.ip_network("fc00::/7"):
             return "unique-local"
-    for kind in ("unspecified", "loopback", "link-local", "multicast", "private", "reserved"):
+    for kind in ("unspecified", "loopback", "link-local", "multicast", "reserved", "private"):
         if getattr(ip, "is_" + kind.replace("-", "_")):
             return kind
     if not ip.is_global:  # shared address space (100.64/10), documentation ranges, ...

@@ -134,8 +134,8 @@ def check_pixels(data: bytes, max_pixels: int | None) -> None:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as image:
                 width, height = image.size
-    except Image.DecompressionBombError as exc:
-        raise TooLarge(str(exc)) from None
+    except Image.DecompressionBombError as exc:  # over twice Pillow's limit: it refuses to give the size
+        raise TooLarge(f"{exc} (fetch.max_pixels {max_pixels})") from None
     except Exception:  # not an image: fetch's decoding check says so
         return
     if width * height > max_pixels:
