@@ -112,7 +112,7 @@ class Fetch:
 @dataclass
 class Dedup:
     """Exact (sha256) and perceptual (image hash) duplicates. In each group the image with the most pixels
-    is kept, then the one with the highest similarity, then the smallest key; the others are dropped
+    is kept, then the least compressed copy, then the one with the highest similarity, then the smallest key; the others are dropped
     with ``dup_of``."""
 
     exact: bool = option(True, help="drop byte-identical images (same sha256)")
