@@ -109,6 +109,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_error(404)
             return
         self.send_response(200)
+        if path.startswith("/robots/"):
+            self.send_header("X-Robots-Tag", "noai, noimageai")
         if path.startswith("/chunked/"):  # no Content-Length: the body's end is the connection's
             self.send_header("Connection", "close")
             self.end_headers()
@@ -128,7 +130,7 @@ def servers():
     """Two loopback servers: the first is the one a test allows, the second stays refused."""
     photo = jpeg_bytes(__import__("numpy").full((64, 96, 3), 120, "uint8"))
     files = {"/photo.jpg": photo, "/big.bin": b"x" * 5000, "/chunked/big.bin": b"x" * 5000,
-             "/bomb.png": png_bomb(20_000, 10_000)}
+             "/bomb.png": png_bomb(20_000, 10_000), "/robots/photo.jpg": photo}
     handler = type("H", (_Handler,), {"files": files})
     started = []
     for _ in range(2):
@@ -203,7 +205,7 @@ def test_size_limits_refuse_before_reading_or_decoding(servers):
 
 # --- one build through img2dataset ----------------------------------------------------------------
 
-def test_fetch_records_every_refusal_with_its_address(tmp_path, servers, monkeypatch):
+def test_fetch_records_every_refusal_with_its_address_and_honours_x_robots_tag(tmp_path, servers, monkeypatch):
     (allowed, refused), _files = servers
     monkeypatch.delenv("DENSEFUSION_ALLOW_NETWORKS", raising=False)
     local_file = tmp_path / "private.jpg"
@@ -217,6 +219,7 @@ def test_fetch_records_every_refusal_with_its_address(tmp_path, servers, monkeyp
         f"http://{allowed}/redirect/http__localhost:{rport}/photo.jpg": ("blocked_address", "is loopback"),
         local_file.as_uri(): ("blocked_address", "scheme file:// is not allowed"),
         f"http://{allowed}/bomb.png": ("too_large", "200000000 pixels"),
+        f"http://{allowed}/robots/photo.jpg": ("disallowed_by_header", "X-Robots-Tag"),
     }
     write_metadata(tmp_path / "meta" / "part-0.parquet", [{"URL": u} for u in cases])
     recipe = load_recipe(write_recipe(tmp_path / "recipe.yaml", {

@@ -40,6 +40,9 @@ class Source:
     """Where the LAION-style metadata comes from."""
 
     metadata: list[Path] = option(factory=list, help="Parquet files or glob patterns with the metadata")
+    exclude: list[Path] = option(factory=list, help="removal requests: text files (one URL, key or image SHA-256 "
+                                                    "a line) or Parquet files (a url, key or sha256 column); "
+                                                    "matching rows are dropped as removal_request")
     sample: bool = option(False, help="build the embedded offline sample (served from 127.0.0.1) instead")
     columns: SourceColumns = option(factory=SourceColumns, help="column names in the metadata")
     keep_columns: list[str] = option(factory=list, help="other metadata columns carried into the dataset")
@@ -73,6 +76,7 @@ class Resize:
 # Defaults admit every real photograph (a 150-megapixel camera file) and refuse decompression bombs;
 # the pixel limit is Pillow's own refusal threshold, so Pillow never refuses an image fetch let through.
 DEFAULT_MAX_BYTES = 128 * 2**20
+DEFAULT_DISALLOWED_DIRECTIVES = ("noai", "noimageai", "noindex", "noimageindex")  # img2dataset's own
 DEFAULT_MAX_PIXELS = 178_956_970
 
 
@@ -98,6 +102,10 @@ class Fetch:
     max_pixels: Optional[int] = option(DEFAULT_MAX_PIXELS, ge=1, help="largest image in pixels (width x height), "
                                                                       "read from its header before decoding; "
                                                                       "larger ones are dropped as too_large")
+
+    disallowed_header_directives: list[str] = option(
+        factory=lambda: list(DEFAULT_DISALLOWED_DIRECTIVES),
+        help="X-Robots-Tag directives that refuse an image (dropped as disallowed_by_header); [] honours none")
 
     def __post_init__(self):
         from densefusion_hf.netguard.addresses import parse_allowed

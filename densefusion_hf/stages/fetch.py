@@ -27,8 +27,9 @@ from densefusion_hf.images import UnreadableImage, inspect_image
 from densefusion_hf.netguard.addresses import AddressPolicy
 from densefusion_hf.netguard.opener import DownloadGuard, TooLarge, check_pixels
 from densefusion_hf.recipe import Recipe
-from densefusion_hf.recipe.sections import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
+from densefusion_hf.recipe.sections import DEFAULT_DISALLOWED_DIRECTIVES, DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from densefusion_hf.sample.server import SampleServer, proxied_through
+from densefusion_hf.stages.removal import exclusion_params, load_removals
 from densefusion_hf.stages.shards import StageDir
 from densefusion_hf.stages.base import BuildContext, ShardStage
 
@@ -49,6 +50,7 @@ IMAGE_COLUMNS = pa.schema([
 _WRITE_BATCH = 256
 
 # The guard's refusals travel through img2dataset as error text: "<urlopen error [blocked_address] ...>".
+_ROBOTS_REFUSAL = "Use of image disallowed by X-Robots-Tag"  # img2dataset 1.47's words
 _GUARD_REFUSAL = re.compile(r"\[(blocked_address|too_large)\] ([^>]*)")
 
 
@@ -61,7 +63,9 @@ def download_guard(recipe: Recipe, extra_allowed: tuple[str, ...] = ()) -> Downl
 
 
 def guard_drop(error_message: str | None) -> tuple[str, str] | None:
-    """(reason, detail) when img2dataset's error is one of the guard's refusals."""
+    """(reason, detail) when img2dataset's error is one of the guard's refusals or an X-Robots-Tag refusal."""
+    if (error_message or "").startswith(_ROBOTS_REFUSAL):
+        return "disallowed_by_header", error_message
     found = _GUARD_REFUSAL.search(error_message or "")
     return (found.group(1), found.group(2).strip()) if found else None
 
@@ -72,6 +76,7 @@ def img2dataset_options(recipe: Recipe) -> dict:
     options = dict(
         timeout=fetch.timeout, retries=fetch.retries, processes_count=fetch.processes,
         thread_count=fetch.threads, user_agent_token=fetch.user_agent_token,
+        disallowed_header_directives=list(fetch.disallowed_header_directives),
     )
     if fetch.resize.max_side is None:
         options.update(resize_mode="no", disable_all_reencoding=True)
@@ -126,6 +131,10 @@ class Fetch(ShardStage):
             params["max_bytes"] = fetch.max_bytes
         if fetch.max_pixels != DEFAULT_MAX_PIXELS:
             params["max_pixels"] = fetch.max_pixels
+        if sorted(fetch.disallowed_header_directives) != sorted(DEFAULT_DISALLOWED_DIRECTIVES):
+            params["disallowed_header_directives"] = sorted(d.lower() for d in fetch.disallowed_header_directives)
+        if load_removals(recipe.source.exclude).sha256 if recipe.source.exclude else False:
+            params["exclude"] = exclusion_params(recipe.source.exclude)
         return params
 
     # Endpoints allowed for the length of a session: the demo's own loopback server, and nothing else.
@@ -173,6 +182,7 @@ class Fetch(ShardStage):
             for start in range(0, rows.num_rows, _WRITE_BATCH):
                 batch = rows.slice(start, _WRITE_BATCH)
                 kept = self._check_batch(batch, results, position, drops, ctx.recipe.fetch)
+                kept = self._removed_images(kept, drops, load_removals(ctx.recipe.source.exclude))
                 writer.write(pa.Table.from_pylist(kept, schema=schema))
             rows_out = writer.rows
         shutil.rmtree(scratch, ignore_errors=True)
@@ -180,6 +190,17 @@ class Fetch(ShardStage):
             "rows_in": rows.num_rows, "rows_out": rows_out,
             "seconds": round(time.monotonic() - started, 3), "img2dataset": i2d_stats,
         })
+
+    @staticmethod
+    def _removed_images(kept: list[dict], drops: list, removals) -> list[dict]:
+        """Images whose SHA-256 a removal request lists, found now that their bytes are known."""
+        if not removals.sha256:
+            return kept
+        for row in kept:
+            if row["sha256"] in removals.sha256:
+                drops.append({"key": row["key"], "url": row["url"], "reason": "removal_request",
+                              "detail": f"image sha256 {row['sha256']} listed in source.exclude"})
+        return [row for row in kept if row["sha256"] not in removals.sha256]
 
     @staticmethod
     def output_schema(ingest_schema: pa.Schema) -> pa.Schema:

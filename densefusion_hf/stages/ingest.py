@@ -23,6 +23,7 @@ from densefusion_hf.errors import UserError
 from densefusion_hf.keys import url_key
 from densefusion_hf.recipe import MetadataFilters, Recipe
 from densefusion_hf.sample.make import SAMPLE_VERSION, write_sample
+from densefusion_hf.stages.removal import exclusion_params, load_removals, split_removed
 from densefusion_hf.stages.shards import shard_name
 from densefusion_hf.stages.base import BuildContext, Stage
 
@@ -162,6 +163,9 @@ class Ingest(Stage):
         if recipe.source.sample:
             source["sample_version"] = SAMPLE_VERSION
         source["metadata"] = [str(p) for p in recipe.source.metadata]
+        source["exclude"] = exclusion_params(recipe.source.exclude)  # removal requests: their files' digests
+        if source["exclude"] is None:
+            source.pop("exclude")  # absent, as in work directories made before removal requests existed
         params = {"source": source, "filters": asdict(recipe.filters)}
         if not recipe.source.sample:
             # What the globs match now: a file added, removed or replaced moves every shard boundary.
@@ -187,6 +191,7 @@ class Ingest(Stage):
                 shard = shard_name(index)
                 started = time.monotonic()
                 rows, drops = self._split(chunk, seen, recipe.filters)
+                rows, drops = split_removed(rows, drops, load_removals(recipe.source.exclude))
                 if not out.is_done(shard):
                     with out.writer(shard, self._schema(chunk)) as writer:
                         writer.write(pa.Table.from_pylist(rows, schema=self._schema(chunk)))
