@@ -46,7 +46,11 @@ def temporary_name(path: Path) -> Path:
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     tmp = temporary_name(path)
-    tmp.write_bytes(data)
+    try:
+        tmp.write_bytes(data)
+    except OSError:  # a full disk: leave no partial file
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
 
 
@@ -79,8 +83,12 @@ class ShardWriter:
         os.replace(self.tmp, self.path)
 
     def abort(self) -> None:
-        self._writer.close()
-        self.tmp.unlink(missing_ok=True)
+        try:
+            self._writer.close()  # may fail again on a full disk
+        except OSError:
+            pass
+        finally:
+            self.tmp.unlink(missing_ok=True)
 
     def __enter__(self) -> "ShardWriter":
         return self
@@ -176,6 +184,13 @@ class StageDir:
                 shutil.rmtree(leftover, ignore_errors=True)
             else:
                 leftover.unlink(missing_ok=True)
+
+    def remove_unfinished(self) -> None:
+        """Delete the files of shards that have no done marker (a write stopped part-way)."""
+        for path in self.path.glob("shard-*.*"):
+            shard = path.name[len("shard-"):].split(".", 1)[0]
+            if path.is_file() and not self.done_path(shard).exists():
+                path.unlink(missing_ok=True)
 
     def writer(self, shard: str, schema: pa.Schema) -> ShardWriter:
         return ShardWriter(self.shard_path(shard), schema)
