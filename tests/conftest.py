@@ -15,6 +15,7 @@ import pytest
 import yaml
 from PIL import Image
 
+from densefusion_hf.netguard.addresses import ALLOW_ENV
 from densefusion_hf.sample.server import SampleServer
 
 pytest_plugins = ["tests.hub_fixtures"]
@@ -60,13 +61,18 @@ def photo_files() -> dict[str, bytes]:
 
 
 @pytest.fixture
-def image_server(tmp_path, photo_files):
-    """A loopback HTTP server over ``photo_files``; yields its base URL."""
+def image_server(tmp_path, photo_files, monkeypatch):
+    """A loopback HTTP server over ``photo_files``; yields its base URL.
+
+    Fetch refuses loopback addresses by default; this server (its exact host:port, nothing else) is
+    allowed through the operator's allow-list in the environment, which builds in subprocesses inherit.
+    """
     root = tmp_path / "served"
     for rel, body in photo_files.items():
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_bytes(body)
     with SampleServer(root) as server:
+        monkeypatch.setenv(ALLOW_ENV, server.address.split("//", 1)[1])
         yield server.address
 
 

@@ -40,6 +40,9 @@ class Source:
     """Where the LAION-style metadata comes from."""
 
     metadata: list[Path] = option(factory=list, help="Parquet files or glob patterns with the metadata")
+    exclude: list[Path] = option(factory=list, help="removal requests: text files (one URL, key or image SHA-256 "
+                                                    "a line) or Parquet files (a url, key or sha256 column); "
+                                                    "matching rows are dropped as removal_request")
     sample: bool = option(False, help="build the embedded offline sample (served from 127.0.0.1) instead")
     columns: SourceColumns = option(factory=SourceColumns, help="column names in the metadata")
     keep_columns: list[str] = option(factory=list, help="other metadata columns carried into the dataset")
@@ -70,6 +73,13 @@ class Resize:
                                                        "null keeps the original bytes untouched")
 
 
+# Defaults admit every real photograph (a 150-megapixel camera file) and refuse decompression bombs;
+# the pixel limit is Pillow's own refusal threshold, so Pillow never refuses an image fetch let through.
+DEFAULT_MAX_BYTES = 128 * 2**20
+DEFAULT_DISALLOWED_DIRECTIVES = ("noai", "noimageai", "noindex", "noimageindex")  # img2dataset's own
+DEFAULT_MAX_PIXELS = 178_956_970
+
+
 @dataclass
 class Fetch:
     """Downloading with img2dataset."""
@@ -82,12 +92,35 @@ class Fetch:
     processes: int = option(1, ge=1, help="img2dataset download processes (does not change the output)")
     threads: int = option(16, ge=1, help="download threads per process (does not change the output)")
     user_agent_token: Optional[str] = option(None, help="token added to the User-Agent header")
+    allow_private_addresses: bool = option(False, help="also fetch from loopback, private, link-local and other "
+                                                       "non-public addresses (off: such URLs are dropped as "
+                                                       "blocked_address)")
+    allow_networks: list[str] = option(factory=list, help="non-public networks (10.0.0.0/8) or endpoints "
+                                                          "(10.1.2.3:8080) that may be fetched from")
+    max_bytes: Optional[int] = option(DEFAULT_MAX_BYTES, ge=1, help="largest download in bytes; larger ones are "
+                                                                    "dropped as too_large (null: no limit)")
+    max_pixels: Optional[int] = option(DEFAULT_MAX_PIXELS, ge=1, help="largest image in pixels (width x height), "
+                                                                      "read from its header before decoding; "
+                                                                      "larger ones are dropped as too_large")
+
+    disallowed_header_directives: list[str] = option(
+        factory=lambda: list(DEFAULT_DISALLOWED_DIRECTIVES),
+        help="X-Robots-Tag directives that refuse an image (dropped as disallowed_by_header); [] honours none")
+
+    def __post_init__(self):
+        from densefusion_hf.netguard.addresses import parse_allowed
+
+        for i, entry in enumerate(self.allow_networks):
+            try:
+                parse_allowed(entry)
+            except ValueError as exc:
+                raise SchemaProblem(f"fetch.allow_networks[{i}]", str(exc)) from None
 
 
 @dataclass
 class Dedup:
     """Exact (sha256) and perceptual (image hash) duplicates. In each group the image with the most pixels
-    is kept, then the one with the highest similarity, then the smallest key; the others are dropped
+    is kept, then the least compressed copy, then the one with the highest similarity, then the smallest key; the others are dropped
     with ``dup_of``."""
 
     exact: bool = option(True, help="drop byte-identical images (same sha256)")

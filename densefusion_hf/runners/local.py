@@ -13,6 +13,7 @@ from pathlib import Path
 
 from densefusion_hf.errors import UserError
 from densefusion_hf.runners.executor import SerialExecutor
+from densefusion_hf.runners.diskfull import explain_full_disk
 from densefusion_hf.runners.manifest import MANIFEST_NAME, Manifest, fingerprint
 from densefusion_hf.recipe import Recipe
 from densefusion_hf.stages import STAGES
@@ -101,7 +102,8 @@ def build(recipe: Recipe, workdir: Path, only: str | None = None, fresh: bool = 
         for stage, params, fp in plan:
             if stage.name in selected:
                 manifest.record(stage.name, params, fp, complete=False)
-                summary = stage.run(ctx, upstream)
+                with explain_full_disk(workdir, stage.name, upstream):
+                    summary = stage.run(ctx, upstream)
                 manifest.record(stage.name, params, fp, complete=True, **summary)
                 results[stage.name] = summary
             upstream = stage.name

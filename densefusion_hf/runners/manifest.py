@@ -44,6 +44,12 @@ def describe_changes(old: dict, new: dict) -> list[str]:
     return changes
 
 
+def content_checksum(data: dict) -> str:
+    """SHA-256 of the manifest's content without its own checksum field; detects edits by hand."""
+    body = {k: v for k, v in data.items() if k != "checksum"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
@@ -57,6 +63,14 @@ class Manifest:
             except json.JSONDecodeError as exc:
                 raise UserError(f"{self.path} is not valid JSON ({exc}). The work directory is damaged: "
                                 f"rebuild it with --fresh.") from None
+            if not isinstance(self.data, dict) or not isinstance(self.data.get("stages"), dict):
+                raise UserError(f"{self.path} has no 'stages' table; it was not written by df-hf. Restore it, "
+                                f"or rebuild with --fresh.")
+            recorded = self.data.get("checksum")
+            if recorded is not None and recorded != content_checksum(self.data):
+                raise UserError(f"{self.path} was edited by hand (its content no longer matches the checksum "
+                                f"it was saved with), so the settings it records for each stage cannot be "
+                                f"trusted. Undo the edit, or rebuild with --fresh.")
         else:
             self.data = {"created": _now(), "stages": {}}
 
@@ -94,4 +108,5 @@ class Manifest:
 
     def save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.data["checksum"] = content_checksum(self.data)
         atomic_write_json(self.path, self.data)

@@ -201,7 +201,7 @@ class RayExecutor:
 
         if isinstance(exc, RayTaskError):
             cause = getattr(exc, "cause", None)
-            if isinstance(cause, (UserError, KeyboardInterrupt)):
+            if isinstance(cause, (UserError, KeyboardInterrupt, OSError)):  # a full disk is explained by the runner
                 return cause
             detail = f"{type(cause).__name__}: {cause}" if cause is not None else str(exc).splitlines()[0]
             return RuntimeError(f"stage {stage.name}, {item!r} failed on a Ray worker: {detail}")

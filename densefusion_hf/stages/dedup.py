@@ -3,8 +3,8 @@
 First every shard's images are hashed from a fast draft decode (resumable, kept in ``dedup/measure/``);
 then one global decision groups duplicates (union of exact pairs and hash pairs within the Hamming
 threshold, found by multi-index hashing, never all-pairs; pairs whose draft distance is near the
-threshold are decided on full-decode hashes, as imagehash computes them) and keeps one image per group: the most pixels, then the highest
-similarity, then the smallest key.  The others are dropped as ``exact_dup`` or ``near_dup`` with
+threshold are decided on full-decode hashes, as imagehash computes them) and keeps one image per group: the most pixels, then the least compressed copy
+(``dedup.fidelity``), then the highest similarity, then the smallest key.  The others are dropped as ``exact_dup`` or ``near_dup`` with
 ``dup_of`` naming the kept row.
 """
 
@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from densefusion_hf.dedup.fidelity import fidelity
 from densefusion_hf.dedup.phash import hamming, phash_many, refined_pairs
 from densefusion_hf.dedup.semantic import choose_kept
 from densefusion_hf.dedup.unionfind import connected_components
@@ -45,10 +46,19 @@ def exact_pairs(digests: list[str]) -> np.ndarray:
     return np.array(pairs, dtype=np.int64).reshape(-1, 2)
 
 
-def keep_order(pixels: np.ndarray, similarity: np.ndarray, keys: list[str]) -> np.ndarray:
-    """Rank of every row under the keep rule (0 = best): most pixels, highest similarity, smallest key."""
+def keep_order(pixels: np.ndarray, similarity: np.ndarray, keys: list[str],
+               fidelity: list[tuple] | None = None) -> np.ndarray:
+    """Rank of every row under the keep rule (0 = best): most pixels, least compressed (``fidelity``
+    tuples, larger is better), highest similarity, smallest key."""
     sim = np.nan_to_num(np.asarray(similarity, dtype=np.float64), nan=-np.inf)
-    order = np.lexsort((np.asarray(keys), -sim, -np.asarray(pixels, dtype=np.float64)))
+    n = len(keys)
+    if fidelity is None:
+        fidelity_rank = np.zeros(n, dtype=np.int64)
+    else:
+        distinct = sorted(set(fidelity))
+        position = {value: i for i, value in enumerate(distinct)}
+        fidelity_rank = np.array([position[value] for value in fidelity], dtype=np.int64).reshape(n)
+    order = np.lexsort((np.asarray(keys), -sim, -fidelity_rank, -np.asarray(pixels, dtype=np.float64)))
     rank = np.empty(len(order), dtype=np.int64)
     rank[order] = np.arange(len(order))
     return rank
@@ -103,6 +113,21 @@ class Dedup(GlobalStage):
             result.update(zip(images.column("key").to_pylist(), hashes))
         return [result.get(k) for _, k in wanted]
 
+    @staticmethod
+    def _fidelity(ctx: BuildContext, labels: np.ndarray, row_shard: list[str], keys: list[str]) -> list[tuple]:
+        """``fidelity`` of the rows that have duplicates (read from fetch's shards); the rest compete with
+        no one and get a placeholder."""
+        counts = np.bincount(labels, minlength=len(keys)) if len(keys) else np.zeros(0, np.int64)
+        in_group = np.flatnonzero(counts[labels] > 1)
+        found: dict[str, tuple] = {}
+        for shard in sorted({row_shard[i] for i in in_group}):
+            wanted = sorted(keys[i] for i in in_group if row_shard[i] == shard)
+            images = ctx.stage_dir("fetch").read(shard, columns=["key", "image"])
+            images = images.filter(pc.is_in(images.column("key"), pa.array(wanted)))
+            for key, data in zip(images.column("key").to_pylist(), images.column("image").to_pylist()):
+                found[key] = fidelity(data)
+        return [found.get(k, (0, 0.0, 0.0)) for k in keys]
+
     def decide(self, ctx: BuildContext, source: StageDir, shards: list[str]) -> pa.Table:
         settings, measures = ctx.recipe.dedup, self.measures(ctx)
         small = ["key", "sha256", "width", "height", "similarity"]
@@ -135,7 +160,8 @@ class Dedup(GlobalStage):
             pairs.append(have[found] if len(found) else found)
         labels = connected_components(len(keys), np.concatenate(pairs) if pairs else np.zeros((0, 2)))
         pixels = pc.multiply(table.column("width"), table.column("height")).to_numpy(zero_copy_only=False)
-        rank = keep_order(pixels, table.column("similarity").to_numpy(zero_copy_only=False), keys)
+        quality = self._fidelity(ctx, labels, row_shard, keys)
+        rank = keep_order(pixels, table.column("similarity").to_numpy(zero_copy_only=False), keys, quality)
         keep, dup_index = choose_kept(labels, -rank)
         kept = np.where(keep, np.arange(len(keys)), dup_index)
         digests = table.column("sha256").to_pylist()

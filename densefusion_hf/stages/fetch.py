@@ -14,6 +14,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import time
@@ -23,8 +24,12 @@ import pyarrow.parquet as pq
 
 from densefusion_hf.console import output_to_file
 from densefusion_hf.images import UnreadableImage, inspect_image
+from densefusion_hf.netguard.addresses import AddressPolicy
+from densefusion_hf.netguard.opener import DownloadGuard, TooLarge, check_pixels
 from densefusion_hf.recipe import Recipe
+from densefusion_hf.recipe.sections import DEFAULT_DISALLOWED_DIRECTIVES, DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from densefusion_hf.sample.server import SampleServer, proxied_through
+from densefusion_hf.stages.removal import exclusion_params, load_removals
 from densefusion_hf.stages.shards import StageDir
 from densefusion_hf.stages.base import BuildContext, ShardStage
 
@@ -44,6 +49,26 @@ IMAGE_COLUMNS = pa.schema([
 
 _WRITE_BATCH = 256
 
+# The guard's refusals travel through img2dataset as error text: "<urlopen error [blocked_address] ...>".
+_ROBOTS_REFUSAL = "Use of image disallowed by X-Robots-Tag"  # img2dataset 1.47's words
+_GUARD_REFUSAL = re.compile(r"\[(blocked_address|too_large)\] ([^>]*)")
+
+
+def download_guard(recipe: Recipe, extra_allowed: tuple[str, ...] = ()) -> DownloadGuard:
+    """The recipe's address policy and size limits, plus the operator's allow-list from the environment."""
+    fetch = recipe.fetch
+    policy = AddressPolicy.from_environment(fetch.allow_private_addresses,
+                                            list(fetch.allow_networks) + list(extra_allowed))
+    return DownloadGuard(policy, fetch.max_bytes, fetch.max_pixels)
+
+
+def guard_drop(error_message: str | None) -> tuple[str, str] | None:
+    """(reason, detail) when img2dataset's error is one of the guard's refusals or an X-Robots-Tag refusal."""
+    if (error_message or "").startswith(_ROBOTS_REFUSAL):
+        return "disallowed_by_header", error_message
+    found = _GUARD_REFUSAL.search(error_message or "")
+    return (found.group(1), found.group(2).strip()) if found else None
+
 
 def img2dataset_options(recipe: Recipe) -> dict:
     """The recipe's download policy in img2dataset's words."""
@@ -51,6 +76,7 @@ def img2dataset_options(recipe: Recipe) -> dict:
     options = dict(
         timeout=fetch.timeout, retries=fetch.retries, processes_count=fetch.processes,
         thread_count=fetch.threads, user_agent_token=fetch.user_agent_token,
+        disallowed_header_directives=list(fetch.disallowed_header_directives),
     )
     if fetch.resize.max_side is None:
         options.update(resize_mode="no", disable_all_reencoding=True)
@@ -61,20 +87,24 @@ def img2dataset_options(recipe: Recipe) -> dict:
     return options
 
 
-def run_img2dataset(urls_path: str, output_folder: str, rows: int, options: dict) -> None:
+def run_img2dataset(urls_path: str, output_folder: str, rows: int, options: dict,
+                    guard: DownloadGuard | None = None) -> None:
     """Download one of our shards; img2dataset splits it so that each of its processes gets a part."""
     import img2dataset
+
+    from densefusion_hf.netguard.img2dataset_hook import guarded_downloads
 
     part_rows = max(1, math.ceil(rows / options.get("processes_count", 1)))
 
     previous = signal.getsignal(signal.SIGINT)
     try:
-        img2dataset.download(
-            url_list=urls_path, input_format="parquet", url_col="url", caption_col="text",
-            save_additional_columns=["row_key"], output_folder=output_folder, output_format="parquet",
-            number_sample_per_shard=part_rows, incremental_mode="incremental", extract_exif=False,
-            compute_hash=None, enable_wandb=False, **options,
-        )
+        with guarded_downloads(guard or DownloadGuard()):
+            img2dataset.download(
+                url_list=urls_path, input_format="parquet", url_col="url", caption_col="text",
+                save_additional_columns=["row_key"], output_folder=output_folder, output_format="parquet",
+                number_sample_per_shard=part_rows, incremental_mode="incremental", extract_exif=False,
+                compute_hash=None, enable_wandb=False, **options,
+            )
     except SystemExit as exc:
         # img2dataset answers Ctrl-C with sys.exit(0); a stopped download is not a success.
         if exc.code in (0, None):
@@ -91,7 +121,24 @@ class Fetch(ShardStage):
         params: dict = {"resize_max_side": recipe.fetch.resize.max_side}
         if recipe.fetch.resize.max_side is not None:
             params.update(encode_format=recipe.fetch.encode_format, encode_quality=recipe.fetch.encode_quality)
+        # Named only when changed, so that work directories made before these settings existed still resume.
+        fetch = recipe.fetch
+        if fetch.allow_private_addresses:
+            params["allow_private_addresses"] = True
+        if fetch.allow_networks:
+            params["allow_networks"] = sorted(fetch.allow_networks)
+        if fetch.max_bytes != DEFAULT_MAX_BYTES:
+            params["max_bytes"] = fetch.max_bytes
+        if fetch.max_pixels != DEFAULT_MAX_PIXELS:
+            params["max_pixels"] = fetch.max_pixels
+        if sorted(fetch.disallowed_header_directives) != sorted(DEFAULT_DISALLOWED_DIRECTIVES):
+            params["disallowed_header_directives"] = sorted(d.lower() for d in fetch.disallowed_header_directives)
+        if load_removals(recipe.source.exclude).sha256 if recipe.source.exclude else False:
+            params["exclude"] = exclusion_params(recipe.source.exclude)
         return params
+
+    # Endpoints allowed for the length of a session: the demo's own loopback server, and nothing else.
+    session_allowed: tuple[str, ...] = ()
 
     def session(self, ctx: BuildContext):
         if not ctx.recipe.source.sample:
@@ -99,6 +146,8 @@ class Fetch(ShardStage):
         stack = contextlib.ExitStack()
         server = stack.enter_context(SampleServer(ctx.workdir / "sample" / "files"))
         stack.enter_context(proxied_through(server))
+        self.session_allowed = (server.address.split("//", 1)[1],)
+        stack.callback(setattr, self, "session_allowed", ())
         return stack
 
     def run_shard(self, ctx: BuildContext, shard: str, source: StageDir, out: StageDir) -> dict:
@@ -113,7 +162,7 @@ class Fetch(ShardStage):
             log_path = out.path / f"shard-{shard}.img2dataset.log"
             with output_to_file(log_path):
                 run_img2dataset(str(scratch / "urls.parquet"), str(downloaded), rows.num_rows,
-                                img2dataset_options(ctx.recipe))
+                                img2dataset_options(ctx.recipe), download_guard(ctx.recipe, self.session_allowed))
             parts = sorted(downloaded.glob("*.parquet"))
             results = pa.concat_tables([pq.read_table(p, memory_map=True) for p in parts]) if parts else None
             for stats_file in sorted(downloaded.glob("*_stats.json")):
@@ -132,7 +181,8 @@ class Fetch(ShardStage):
         with out.writer(shard, schema) as writer:
             for start in range(0, rows.num_rows, _WRITE_BATCH):
                 batch = rows.slice(start, _WRITE_BATCH)
-                kept = self._check_batch(batch, results, position, drops)
+                kept = self._check_batch(batch, results, position, drops, ctx.recipe.fetch)
+                kept = self._removed_images(kept, drops, load_removals(ctx.recipe.source.exclude))
                 writer.write(pa.Table.from_pylist(kept, schema=schema))
             rows_out = writer.rows
         shutil.rmtree(scratch, ignore_errors=True)
@@ -142,12 +192,24 @@ class Fetch(ShardStage):
         })
 
     @staticmethod
+    def _removed_images(kept: list[dict], drops: list, removals) -> list[dict]:
+        """Images whose SHA-256 a removal request lists, found now that their bytes are known."""
+        if not removals.sha256:
+            return kept
+        for row in kept:
+            if row["sha256"] in removals.sha256:
+                drops.append({"key": row["key"], "url": row["url"], "reason": "removal_request",
+                              "detail": f"image sha256 {row['sha256']} listed in source.exclude"})
+        return [row for row in kept if row["sha256"] not in removals.sha256]
+
+    @staticmethod
     def output_schema(ingest_schema: pa.Schema) -> pa.Schema:
         fields = [f for f in ingest_schema if f.name not in IMAGE_COLUMNS.names]
         return pa.schema(fields + list(IMAGE_COLUMNS))
 
     @staticmethod
-    def _check_batch(batch: pa.Table, results: pa.Table | None, position: dict, drops: list) -> list[dict]:
+    def _check_batch(batch: pa.Table, results: pa.Table | None, position: dict, drops: list,
+                     limits=None) -> list[dict]:
         kept = []
         wanted = [position.get(k) for k in batch.column("key").to_pylist()]
         found = [i for i in wanted if i is not None]
@@ -161,10 +223,19 @@ class Fetch(ShardStage):
                                   detail="img2dataset returned no row for this URL"))
                 continue
             if result["status"] != "success":
-                drops.append(dict(base, reason=result["status"] or "failed_to_download",
-                                  detail=result["error_message"] or ""))
+                reason, detail = guard_drop(result["error_message"]) or (
+                    result["status"] or "failed_to_download", result["error_message"] or "")
+                drops.append(dict(base, reason=reason, detail=detail))
                 continue
             data = result["jpg"] or b""
+            try:
+                # Again here: a body img2dataset re-encoded, or a limit lowered since the download.
+                if limits is not None and limits.max_bytes is not None and len(data) > limits.max_bytes:
+                    raise TooLarge(f"{len(data)} bytes > fetch.max_bytes {limits.max_bytes}")
+                check_pixels(data, limits.max_pixels if limits is not None else None)
+            except TooLarge as exc:
+                drops.append(dict(base, reason="too_large", detail=exc.args[0]))
+                continue
             try:
                 info = inspect_image(data)
             except UnreadableImage as exc:

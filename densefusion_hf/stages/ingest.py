@@ -35,6 +35,7 @@ from densefusion_hf.errors import UserError
 from densefusion_hf.keys import url_key
 from densefusion_hf.recipe import MetadataFilters, Recipe
 from densefusion_hf.sample.make import SAMPLE_VERSION, write_sample
+from densefusion_hf.stages.removal import exclusion_params, load_removals, split_removed
 from densefusion_hf.stages.shards import DROPPED_SCHEMA, shard_name, temporary_name
 from densefusion_hf.stages.base import BuildContext, Stage
 
@@ -212,6 +213,9 @@ class Ingest(Stage):
         if recipe.source.sample:
             source["sample_version"] = SAMPLE_VERSION
         source["metadata"] = [str(p) for p in recipe.source.metadata]
+        source["exclude"] = exclusion_params(recipe.source.exclude)  # removal requests: their files' digests
+        if source["exclude"] is None:
+            source.pop("exclude")  # absent, as in work directories made before removal requests existed
         params = {"source": source, "filters": asdict(recipe.filters)}
         if not recipe.source.sample:
             # What the globs match now: a file added, removed or replaced moves every shard boundary.
@@ -268,6 +272,7 @@ class Ingest(Stage):
         measure, keys_dir = self.measures(ctx)
         chunk = shard_rows(ctx.recipe, files, counts, int(shard))
         rows, drops = self._split(chunk, ctx.recipe.filters)
+        rows, drops = split_removed(rows, drops, load_removals(ctx.recipe.source.exclude))
         schema = self._schema(chunk).append(pa.field("position", pa.int64()))
         table = pa.Table.from_pylist(rows, schema=schema)
         keys = pa.table({"key": table.column("key"), "row": pa.array(range(table.num_rows), pa.int64())})

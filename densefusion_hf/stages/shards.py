@@ -6,13 +6,19 @@
     shard-00003.done             written last: a shard without it is redone on the next run
 
 Renames are atomic, so a build killed at any instant leaves each shard either complete or absent.
+The done marker records the size and SHA-256 of each of the shard's files, so a shard damaged after it
+was committed (truncated, deleted, a stats file edited) is found by ``is_done``, reported with the file's
+name, and redone; no other shard is touched.  Data files are checked by size and Parquet footer on every
+``is_done`` (cheap); ``verify(shard, checksums=True)`` also rehashes them.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
+import sys
 from collections import Counter
 from pathlib import Path
 from typing import Iterable
@@ -40,12 +46,21 @@ def temporary_name(path: Path) -> Path:
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     tmp = temporary_name(path)
-    tmp.write_bytes(data)
+    try:
+        tmp.write_bytes(data)
+    except OSError:  # a full disk: leave no partial file
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
 
 
 def atomic_write_json(path: Path, obj) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+
+
+def file_digest(path: Path) -> str:
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 class ShardWriter:
@@ -68,8 +83,12 @@ class ShardWriter:
         os.replace(self.tmp, self.path)
 
     def abort(self) -> None:
-        self._writer.close()
-        self.tmp.unlink(missing_ok=True)
+        try:
+            self._writer.close()  # may fail again on a full disk
+        except OSError:
+            pass
+        finally:
+            self.tmp.unlink(missing_ok=True)
 
     def __enter__(self) -> "ShardWriter":
         return self
@@ -101,12 +120,60 @@ class StageDir:
         return self.path / f"shard-{shard}.done"
 
     def is_done(self, shard: str) -> bool:
-        return self.done_path(shard).exists()
+        """Whether the shard is committed and intact.  A damaged one is reported (naming the file), its
+        done marker removed so that the run redoes it, and False returned."""
+        marker = self.done_path(shard)
+        if not marker.exists():
+            return False
+        problem = self.verify(shard)
+        if problem is None:
+            return True
+        print(f"{self.stage}: shard {shard} is damaged: {problem}; it will be redone.", file=sys.stderr)
+        marker.unlink(missing_ok=True)
+        return False
+
+    def verify(self, shard: str, checksums: bool = False) -> str | None:
+        """What is wrong with a committed shard's files (None: nothing), from its done marker's record."""
+        marker = self.done_path(shard)
+        try:
+            text = marker.read_text()
+        except FileNotFoundError:
+            return f"{marker} is missing"
+        if not text.strip():
+            return None  # a marker from before markers recorded files: trusted as it is
+        try:
+            files = json.loads(text)["files"]
+        except (ValueError, KeyError, TypeError):
+            return f"{marker} is not a done marker this version wrote (not JSON with 'files')"
+        for name, record in sorted(files.items()):
+            path = self.path / name
+            try:
+                size = path.stat().st_size
+            except FileNotFoundError:
+                return f"{path} is missing (its done marker lists it)"
+            if size != record.get("size"):
+                return f"{path} is {size} bytes; its done marker recorded {record.get('size')} (truncated or replaced)"
+            small = name.endswith(".json")
+            if name.endswith(".parquet") and not small:
+                with open(path, "rb") as handle:
+                    handle.seek(max(0, size - 4))
+                    if handle.read(4) != b"PAR1":
+                        return f"{path} has no Parquet footer (overwritten)"
+            if (checksums or small) and file_digest(path) != record.get("sha256"):
+                return f"{path} does not match the checksum its done marker recorded (edited)"
+            if small:
+                try:
+                    json.loads(path.read_text())
+                except ValueError as exc:
+                    return f"{path} is not JSON ({exc})"
+        return None
 
     def done_shards(self) -> list[str]:
+        """Committed shards, in order; a damaged one is reported and left out (so it is redone)."""
         if not self.path.is_dir():
             return []
         names = [p.name[len("shard-"):-len(".done")] for p in self.path.glob("shard-*.done")]
+        names = [n for n in names if self.is_done(n)]
         return sorted(names, key=lambda n: (len(n), n))  # numeric order, also past 99999
 
     def prepare(self) -> None:
@@ -117,6 +184,13 @@ class StageDir:
                 shutil.rmtree(leftover, ignore_errors=True)
             else:
                 leftover.unlink(missing_ok=True)
+
+    def remove_unfinished(self) -> None:
+        """Delete the files of shards that have no done marker (a write stopped part-way)."""
+        for path in self.path.glob("shard-*.*"):
+            shard = path.name[len("shard-"):].split(".", 1)[0]
+            if path.is_file() and not self.done_path(shard).exists():
+                path.unlink(missing_ok=True)
 
     def writer(self, shard: str, schema: pa.Schema) -> ShardWriter:
         return ShardWriter(self.shard_path(shard), schema)
@@ -137,7 +211,9 @@ class StageDir:
         stats = dict(stats, shard=shard, dropped=dict(sorted(Counter(d["reason"] for d in dropped).items())))
         stats["rows_dropped"] = len(dropped)
         atomic_write_json(self.stats_path(shard), stats)
-        atomic_write_bytes(self.done_path(shard), b"")
+        files = [p for p in (self.shard_path(shard), self.dropped_path(shard), self.stats_path(shard)) if p.exists()]
+        record = {p.name: {"size": p.stat().st_size, "sha256": file_digest(p)} for p in files}
+        atomic_write_json(self.done_path(shard), {"files": record})
         return stats
 
     def read(self, shard: str, columns: list[str] | None = None, memory_map: bool = True) -> pa.Table:

@@ -1,0 +1,41 @@
+"""Runs img2dataset's downloads through the guarded opener.
+
+img2dataset 1.47 downloads with ``urllib.request.urlopen`` in processes it spawns (a fresh interpreter
+each), so a patch made in the parent would not reach them.  Its ``Downloader`` object is what gets
+pickled to every worker; ``GuardedDownloader`` carries the guard along and installs the opener in the
+worker before each shard.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import urllib.request
+
+from img2dataset.downloader import Downloader
+
+# The module, not the ``main`` function that img2dataset's package namespace exports under the same name.
+img2dataset_main = importlib.import_module("img2dataset.main")
+
+from densefusion_hf.netguard.opener import DownloadGuard, guarded_opener
+
+
+class GuardedDownloader(Downloader):
+    def __init__(self, guard: DownloadGuard, **kwargs):
+        super().__init__(**kwargs)
+        self.guard = guard
+
+    def download_shard(self, row):
+        urllib.request.install_opener(guarded_opener(self.guard))  # this worker process only
+        return super().download_shard(row)
+
+
+@contextlib.contextmanager
+def guarded_downloads(guard: DownloadGuard):
+    """While active, ``img2dataset.download`` builds a ``GuardedDownloader``."""
+    original = img2dataset_main.Downloader
+    img2dataset_main.Downloader = lambda **kwargs: GuardedDownloader(guard, **kwargs)
+    try:
+        yield
+    finally:
+        img2dataset_main.Downloader = original
