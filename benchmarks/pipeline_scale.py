@@ -81,7 +81,8 @@ def write_inputs(folder: Path, base_url: str, paths: list[str]) -> Path:
     pq.write_table(metadata, folder / "metadata.parquet")
     recipe = {
         "name": "scale", "source": {"metadata": [str(folder / "metadata.parquet")], "rows_per_shard": 2000},
-        "fetch": {"timeout": 10, "retries": 0, "processes": 1, "threads": 16},
+        "fetch": {"timeout": 10, "retries": 0, "processes": 1, "threads": 16,
+                  "allow_networks": [base_url.split("//", 1)[1]]},  # exactly the loopback server
         "dedup": {"processes": 1},
         "embed": {"model": "sample:tiny-clip", "batch_size": 64},
         "semdedup": {"clusters": max(4, len(urls) // 200), "eps": 0.002},
