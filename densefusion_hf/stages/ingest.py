@@ -248,7 +248,9 @@ class Ingest(Stage):
         with progress(len(shards), self.name, "shard", ctx.show_progress,
                       initial=sum(map(out.is_done, shards))) as bar:
             if not all(map(out.is_done, shards)):
-                todo = [s for s in shards if not measure.is_done(s) and not out.is_done(s)]
+                # Every shard's keys decide which rows repeat an earlier URL, so a shard redone after the
+                # passes' files were removed (a damaged one) has them all measured again.
+                todo = [s for s in shards if not measure.is_done(s)]
                 bar.set_postfix_str("reading the metadata")
                 for _ in ctx.executor.map(ctx, self, "filter_shard", todo, (files, counts), heavy=True):
                     pass
