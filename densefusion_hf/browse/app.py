@@ -208,7 +208,10 @@ def create_app(source: Source, index: Index) -> Starlette:
 
             from PIL import Image
             width, height = Image.open(io.BytesIO(data)).size
+        per_page = min(_int_param(request, "per_page", PER_PAGE), 500)
         state = filters.params()
+        if per_page != PER_PAGE:
+            state["per_page"] = str(per_page)
         if filters.active and browser.index_ready():
             position, before, after, total = index.neighbours(filters, found)
         else:
@@ -218,13 +221,13 @@ def create_app(source: Source, index: Index) -> Starlette:
         neighbours = {name: source.rows([r])[0].get("key") or str(r) if r is not None else None
                       for name, r in (("prev", before), ("next", after))}
         experts = sorted({b["expert"] for b in record["boxes"]}, key=lambda e: (e != "detector", e != "open_set", e))
-        per_page = min(_int_param(request, "per_page", PER_PAGE), 500)
         back = dict(state, page=str(position // per_page + 1))
         others = [(name, value) for name, value in record["record"].items()
                   if name not in _SHOWN_ELSEWHERE and not name.startswith("_")]
         return browser.page("row.html", request, title=f"{record['key']} · {source.config or source.label}",
                             r=record, problem=problem, width=width or 1, height=height or 1, state=state,
                             position=position, total=total, neighbours=neighbours, experts=experts, back=back,
+                            chips=filters.params(),
                             others=others, highlight=highlighter(filters.q), hidden=request.query_params.get(
                                 "hide", ""))
 
