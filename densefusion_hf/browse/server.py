@@ -11,8 +11,10 @@ from pathlib import Path
 
 from densefusion_hf.errors import UserError
 
-#: How long the server waits for the index before it starts answering (a small dataset is ready by then).
-INDEX_HEAD_START = 3.0
+#: A dataset this small is indexed before the server answers (it takes well under a second); a larger one is
+#: indexed in the background while the plain gallery is already served.
+INDEX_FIRST_ROWS = 50_000
+INDEX_HEAD_START = 5.0
 
 
 def _imports():
@@ -52,7 +54,8 @@ def serve(path: str, *, port: int = 0, open_browser: bool = False, config: str |
     started = time.monotonic()
     source = open_source(path, config=config, revision=revision, cache_dir=cache_dir)
     index = Index(source).start()
-    index.wait(INDEX_HEAD_START)
+    if source.num_rows <= INDEX_FIRST_ROWS:
+        index.wait(INDEX_HEAD_START)
     app = create_app(source, index)
     sock = bind(port)
     address = f"http://127.0.0.1:{sock.getsockname()[1]}/"

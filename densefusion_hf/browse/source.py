@@ -345,11 +345,38 @@ def _stages_from_build_info(info: dict) -> list[Stage]:
     return stages
 
 
-def _workdir_stages(workdir: Path) -> list[Stage]:
-    from densefusion_hf.runners.status import collect_status
+def _manifest(workdir: Path) -> dict:
+    try:
+        return json.loads((workdir / "manifest.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{workdir}/manifest.json cannot be read ({exc}); is {workdir} a work directory?") from None
 
-    return [Stage(s["name"], s["rows_in"], s["rows_out"], s["rows_dropped"], dict(s["dropped"]))
-            for s in collect_status(workdir)["stages"]]
+
+def _workdir_stages(workdir: Path, manifest: dict) -> list[Stage]:
+    """What ``df-hf status`` counts (``runners.status.collect_status``), read from the same stats files without
+    importing the stages (and so torch, datasets and the models' libraries)."""
+    from densefusion_hf.recipe import STAGE_ORDER
+
+    recorded = manifest.get("stages") or {}
+    stages = []
+    for name in STAGE_ORDER:
+        if name not in recorded:
+            continue
+        folder = workdir / name
+        stats = []
+        for done in sorted(folder.glob("shard-*.done")) if folder.is_dir() else []:
+            try:
+                stats.append(json.loads((folder / (done.name[:-len(".done")] + ".stats.json")).read_text()))
+            except (OSError, ValueError):
+                continue
+        dropped: dict[str, int] = {}
+        for s in stats:
+            for reason, count in (s.get("dropped") or {}).items():
+                dropped[reason] = dropped.get(reason, 0) + count
+        stages.append(Stage(name, sum(s.get("rows_in", 0) for s in stats), sum(s.get("rows_out", 0) for s in stats),
+                            sum(s.get("rows_dropped", 0) for s in stats),
+                            dict(sorted(dropped.items(), key=lambda kv: (-kv[1], kv[0])))))
+    return stages
 
 
 def open_source(path: str, config: str | None = None, revision: str | None = None,
@@ -373,13 +400,12 @@ def open_source(path: str, config: str | None = None, revision: str | None = Non
 
 
 def _open_workdir(workdir: Path, config: str | None, cache_dir: Path | None) -> Source:
-    from densefusion_hf.runners.manifest import Manifest
-
-    recorded = (Manifest(workdir).stage("publish") or {}).get("dataset")
+    manifest = _manifest(workdir)
+    recorded = ((manifest.get("stages") or {}).get("publish") or {}).get("dataset")
     folder = Path(recorded) if recorded else workdir / "dataset"
     if not folder.is_absolute():
         folder = workdir / folder
-    stages = _workdir_stages(workdir)
+    stages = _workdir_stages(workdir, manifest)
     cache = cache_dir or _writable_cache(workdir / CACHE_FOLDER, workdir.name, str(workdir))
     chosen, configs, files = (_folder_files(folder, config) if folder.is_dir() else (None, [], []))
     join = False
