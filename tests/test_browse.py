@@ -106,7 +106,9 @@ def page(chromium):
     context = chromium.new_context(viewport={"width": 1400, "height": 900})
     page = context.new_page()
     failed = []
-    page.on("requestfailed", lambda request: failed.append(request.url))
+    # a navigation cancels the thumbnails still loading (net::ERR_ABORTED); anything else is a failure
+    page.on("requestfailed", lambda request: None if "ERR_ABORTED" in (request.failure or "")
+            else failed.append(f"{request.url}: {request.failure}"))
     page.on("pageerror", lambda error: failed.append(f"script error: {error}"))
     yield page
     context.close()

@@ -17,12 +17,15 @@ indexing leaves no half index, and the next start builds it again.  Its name car
 
 from __future__ import annotations
 
+import bisect
 import json
 import os
 import re
 import sqlite3
 import threading
 import time
+from array import array
+from collections import OrderedDict
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -34,6 +37,7 @@ from densefusion_hf.browse.source import Source
 
 INDEX_VERSION = 1
 SEARCH_FIELDS = {"all": None, "caption": "caption", "alt": "alt_text", "ocr": "ocr"}
+_REMEMBERED_FILTERS = 8
 
 _SCHEMA = """
 CREATE TABLE rows(id INTEGER PRIMARY KEY, key TEXT, category TEXT, words INTEGER, has_ocr INTEGER,
@@ -180,6 +184,9 @@ class Index:
         self.meta: dict = {}
         self._thread: threading.Thread | None = None
         self._local = threading.local()
+        self._lock = threading.Lock()
+        self._matches: OrderedDict = OrderedDict()
+        self._pending: set = set()
 
     # building
 
@@ -363,24 +370,78 @@ class Index:
             args.append(filters.max_side)
         return (" AND ".join(clauses) or "1"), args
 
-    def page(self, filters: Filters, offset: int, limit: int) -> tuple[int, list[int]]:
-        """(rows matching, the ids of rows offset .. offset + limit)."""
+    def _remembered(self, key: tuple) -> array | None:
+        with self._lock:
+            ids = self._matches.get(key)
+            if ids is not None:
+                self._matches.move_to_end(key)
+            return ids
+
+    def _read_ids(self, where: str, args: list, db: sqlite3.Connection | None = None) -> array:
+        key = (where, tuple(args))
+        own = db is None
+        db = db or sqlite3.connect(self.path.resolve().as_uri() + "?mode=ro", uri=True)
+        try:
+            ids = array("q", [r[0] for r in db.execute(f"SELECT id FROM rows WHERE {where} ORDER BY id", args)])
+        finally:
+            if own:
+                db.close()
+        with self._lock:
+            self._matches[key] = ids
+            while len(self._matches) > _REMEMBERED_FILTERS:
+                self._matches.popitem(last=False)
+        return ids
+
+    def _remember(self, where: str, args: list) -> None:
+        """Read the ids matching a filter set in the background (the last few sets are kept): its next pages
+        and row views are then slices and bisections."""
+        key = (where, tuple(args))
+        with self._lock:
+            if key in self._matches or key in self._pending:
+                return
+            self._pending.add(key)
+
+        def read():
+            try:
+                self._read_ids(where, args)
+            finally:
+                with self._lock:
+                    self._pending.discard(key)
+
+        threading.Thread(target=read, name="browse-matches", daemon=True).start()
+
+    def matches(self, filters: Filters) -> array:
+        """The ids of the rows matching ``filters``, in order."""
         where, args = self.where(filters)
+        ids = self._remembered((where, tuple(args)))
+        return ids if ids is not None else self._read_ids(where, args, self._connect())
+
+    def page(self, filters: Filters, offset: int, limit: int) -> tuple[int, list[int]]:
+        """(rows matching, the ids of rows offset .. offset + limit).  A search or a box filter (a subquery,
+        usually selective) reads the matching ids at once; plain column filters, which may match most rows,
+        count and read one page, and the ids follow in the background."""
+        where, args = self.where(filters)
+        ids = self._remembered((where, tuple(args)))
+        if ids is None and "SELECT" in where:
+            ids = self._read_ids(where, args, self._connect())
+        if ids is not None:
+            return len(ids), list(ids[offset:offset + limit])
         db = self._connect()
         total = db.execute(f"SELECT count(*) FROM rows WHERE {where}", args).fetchone()[0]
-        ids = [r[0] for r in db.execute(f"SELECT id FROM rows WHERE {where} ORDER BY id LIMIT ? OFFSET ?",
-                                        [*args, limit, offset])]
-        return total, ids
+        page = [r[0] for r in db.execute(f"SELECT id FROM rows WHERE {where} ORDER BY id LIMIT ? OFFSET ?",
+                                         [*args, limit, offset])]
+        self._remember(where, args)
+        return total, page
 
     def neighbours(self, filters: Filters, row: int) -> tuple[int, int | None, int | None, int]:
         """(position of ``row`` among the matching rows, the previous id, the next id, rows matching)."""
-        where, args = self.where(filters)
-        db = self._connect()
-        position = db.execute(f"SELECT count(*) FROM rows WHERE ({where}) AND id < ?", [*args, row]).fetchone()[0]
-        before = db.execute(f"SELECT max(id) FROM rows WHERE ({where}) AND id < ?", [*args, row]).fetchone()[0]
-        after = db.execute(f"SELECT min(id) FROM rows WHERE ({where}) AND id > ?", [*args, row]).fetchone()[0]
-        total = db.execute(f"SELECT count(*) FROM rows WHERE {where}", args).fetchone()[0]
-        return position, before, after, total
+        ids = self.matches(filters)
+        position = bisect.bisect_left(ids, row)
+        here = position < len(ids) and ids[position] == row
+        before = ids[position - 1] if position > 0 else None
+        after_at = position + 1 if here else position
+        after = ids[after_at] if after_at < len(ids) else None
+        return position, before, after, len(ids)
 
     def find_key(self, key: str) -> int | None:
         found = self._connect().execute("SELECT id FROM rows WHERE key = ? ORDER BY id LIMIT 1", [key]).fetchone()
