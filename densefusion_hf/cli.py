@@ -248,6 +248,32 @@ def status(workdir: Path, as_json: bool):
     click.echo(json.dumps(report, indent=2) if as_json else format_status(report))
 
 
+@cli.command()
+@click.argument("path")
+@click.option("--port", type=click.IntRange(0, 65535), default=0, show_default=True,
+              help="Port on 127.0.0.1 (0: a free one).")
+@click.option("--open", "open_browser", is_flag=True, help="Open the page in the default web browser.")
+@click.option("--config", default=None, help="The dataset config to show [default: the first one].")
+@click.option("--revision", default=None, help="For a Hub repo: a branch, tag (e.g. v1.0.0) or commit.")
+@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where the index and thumbnails go [default: WORKDIR/browse-cache for a work directory, "
+                   "else ~/.cache/densefusion-hf/browse/...].")
+def browse(path: str, port: int, open_browser: bool, config: str | None, revision: str | None,
+           cache_dir: Path | None):
+    """Look at a dataset in a web page served on 127.0.0.1: PATH is a work directory, a published dataset
+    folder or a Hub dataset repo id (org/name, read with ranged requests, nothing downloaded whole).
+
+    The page shows the card and the per-stage counts, a gallery with filters (category, caption words, OCR,
+    box label, expert, image size) and full-text search over captions, alt texts and OCR lines, each row
+    with its boxes drawn over the image, and, for a work directory, the dropped rows by stage and reason.
+    The server only reads: the index and thumbnails go to the cache folder. Ctrl-C stops it.
+    """
+    from densefusion_hf.browse.server import serve
+
+    serve(path, port=port, open_browser=open_browser, config=config, revision=revision, cache_dir=cache_dir,
+          echo=click.echo)
+
+
 @cli.group()
 def recipe():
     """Check recipes and list their fields."""

@@ -8,7 +8,8 @@ import pytest
 from densefusion_hf.errors import UserError
 from densefusion_hf.fusion.boxes import Box, balanced_sample, iou, merge_duplicates, normalise
 from densefusion_hf.fusion.describe import describe, position
-from densefusion_hf.fusion.experts import DEFAULT_VOCABULARY, apply, read_vocabulary, reading_order, Expert
+from densefusion_hf.fusion.experts import (DEFAULT_VOCABULARY, Expert, apply, located_reading_order, read_vocabulary,
+                                          reading_order)
 from densefusion_hf.fusion.priors import PRIORS_TYPE, Failure, OcrLine, Priors, Tag, clean_alt_text
 from densefusion_hf.fusion.prompt import PromptTemplate
 
@@ -139,6 +140,18 @@ def test_reading_order_rows_then_left_to_right():
     lines = [("SALE", 0.9, quad(300, 120, 400, 160)), ("OFF", 0.9, quad(420, 118, 480, 162)),
              ("GRAND", 0.9, quad(10, 10, 200, 60)), ("50%", 0.8, quad(200, 122, 280, 158))]
     assert [t for t, _ in reading_order(lines)] == ["GRAND", "50%", "SALE", "OFF"]
+    located = located_reading_order(lines)
+    assert [(t, corners) for t, _, corners in located][:2] == [("GRAND", (10, 10, 200, 60)), ("50%", (200, 122, 280, 158))]
+
+
+def test_ocr_lines_keep_their_boxes_through_arrow():
+    import pyarrow as pa
+
+    priors = Priors(ocr=[OcrLine("SALE", 0.99, (0.1, 0.2, 0.5, 0.3)), OcrLine("no box", None)])
+    row = pa.array([priors.to_row()], PRIORS_TYPE).to_pylist()[0]
+    assert row["ocr"] == [{"text": "SALE", "score": 0.99, "box": [0.1, 0.2, 0.5, 0.3]},
+                          {"text": "no box", "score": None, "box": None}]
+    assert Priors.from_row(row) == priors
 
 
 def test_shipped_vocabulary_is_large_and_clean(tmp_path):

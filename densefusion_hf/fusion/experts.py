@@ -238,10 +238,17 @@ def rapidocr_device(requested: str) -> str:
 def reading_order(lines: list[tuple[str, float | None, np.ndarray]]) -> list[tuple[str, float | None]]:
     """OCR lines (text, score, corner points) top to bottom; lines whose boxes share most of their height
     are one row, read left to right."""
+    return [(text, score) for text, score, _ in located_reading_order(lines)]
+
+
+def located_reading_order(lines: list[tuple[str, float | None, np.ndarray]]
+                          ) -> list[tuple[str, float | None, tuple[float, float, float, float]]]:
+    """``reading_order`` keeping each line's enclosing box in pixels (x1, y1, x2, y2)."""
     placed = []
     for text, score, points in lines:
         points = np.asarray(points, dtype=float).reshape(-1, 2)
-        placed.append((points[:, 1].min(), points[:, 1].max(), points[:, 0].min(), text, score))
+        placed.append((points[:, 1].min(), points[:, 1].max(), points[:, 0].min(), text, score,
+                       points[:, 0].max()))
     placed.sort(key=lambda p: (p[0] + p[1]) / 2)
     rows: list[list] = []
     for item in placed:
@@ -253,7 +260,8 @@ def reading_order(lines: list[tuple[str, float | None, np.ndarray]]) -> list[tup
                 rows[-1].append(item)
                 continue
         rows.append([item])
-    return [(item[3], item[4]) for row in rows for item in sorted(row, key=lambda r: r[2])]
+    return [(item[3], item[4], (item[2], item[0], item[5], item[1]))
+            for row in rows for item in sorted(row, key=lambda r: r[2])]
 
 
 class RapidOcr(Expert):
@@ -283,7 +291,9 @@ class RapidOcr(Expert):
         lines = [(text.strip(), float(score), box) for text, score, box in
                  zip(result.txts, result.scores, result.boxes)
                  if text.strip() and score >= self.settings.min_score]
-        return [OcrLine(text, round(score, 4)) for text, score in reading_order(lines)][: self.settings.max_lines]
+        width, height = image.size
+        return [OcrLine(text, round(score, 4), normalise(*corners, width, height))
+                for text, score, corners in located_reading_order(lines)][: self.settings.max_lines]
 
     def run(self, images, priors):
         found = [self.read(image) for image in images]

@@ -1,7 +1,7 @@
 """The priors of one image: what the vision experts found, kept as data and written as text.
 
 Text forms follow the paper: boxes as ``label: [x1, y1, x2, y2]`` normalised to 0-1 with three decimals,
-tags joined by `` | ``, OCR as a list of lines.  The ``priors`` column of the dataset is ``PRIORS_TYPE``;
+tags joined by `` | ``, OCR as a list of lines (each with the box it was read in, when the engine locates it).  The ``priors`` column of the dataset is ``PRIORS_TYPE``;
 an expert that failed on the image is listed in ``failures`` with its reason, so a caption made without
 that expert's help can be told apart from one where the expert found nothing.
 """
@@ -27,6 +27,7 @@ class Tag:
 class OcrLine:
     text: str
     score: float | None     # None when the OCR engine gives no score (a generative OCR model)
+    box: tuple[float, float, float, float] | None = None   # x1, y1, x2, y2 in 0-1; None when not located
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,8 @@ class Priors:
             "tags": [{"label": t.label, "score": t.score} for t in self.tags],
             "boxes": [{"label": b.label, "score": b.score, "expert": b.expert, "box": list(b.box)}
                       for b in self.boxes],
-            "ocr": [{"text": line.text, "score": line.score} for line in self.ocr],
+            "ocr": [{"text": line.text, "score": line.score, "box": list(line.box) if line.box else None}
+                    for line in self.ocr],
             "alt_text": self.alt_text,
             "failures": [{"expert": f.expert, "reason": f.reason} for f in self.failures],
         }
@@ -65,7 +67,7 @@ class Priors:
             alt_text=row["alt_text"] or "",
             tags=[Tag(t["label"], t["score"]) for t in row["tags"]],
             boxes=[Box(b["label"], b["score"], b["expert"], tuple(b["box"])) for b in row["boxes"]],
-            ocr=[OcrLine(o["text"], o["score"]) for o in row["ocr"]],
+            ocr=[OcrLine(o["text"], o["score"], tuple(o["box"]) if o.get("box") else None) for o in row["ocr"]],
             failures=[Failure(f["expert"], f["reason"]) for f in row["failures"]],
         )
 
@@ -74,7 +76,7 @@ PRIORS_TYPE = pa.struct([
     ("tags", pa.list_(pa.struct([("label", pa.string()), ("score", pa.float64())]))),
     ("boxes", pa.list_(pa.struct([("label", pa.string()), ("score", pa.float64()), ("expert", pa.string()),
                                   ("box", pa.list_(pa.float64()))]))),
-    ("ocr", pa.list_(pa.struct([("text", pa.string()), ("score", pa.float64())]))),
+    ("ocr", pa.list_(pa.struct([("text", pa.string()), ("score", pa.float64()), ("box", pa.list_(pa.float64()))]))),
     ("alt_text", pa.string()),
     ("failures", pa.list_(pa.struct([("expert", pa.string()), ("reason", pa.string())]))),
 ])

@@ -70,7 +70,8 @@ def _expert_params(caption) -> dict:
         params["tagger"]["vocabulary"] = hashlib.sha256("\n".join(vocabulary).encode()).hexdigest()
     ocr = experts.ocr
     if ocr.engine == "rapidocr":
-        params["ocr"] = {"engine": ocr.engine, "min_score": ocr.min_score, "max_lines": ocr.max_lines}
+        params["ocr"] = {"engine": ocr.engine, "min_score": ocr.min_score, "max_lines": ocr.max_lines,
+                         "line_boxes": True}  # each line's box is saved (older builds have none)
     elif ocr.engine == "transformers":
         params["ocr"] = {"engine": ocr.engine, "model": ocr.model, "prompt": ocr.prompt, "max_lines": ocr.max_lines,
                          "max_new_tokens": ocr.max_new_tokens,
