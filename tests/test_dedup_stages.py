@@ -123,6 +123,9 @@ def test_an_unreadable_image_is_recorded_not_fatal(dedup_build, tmp_path):
     images[0] = images[0][:40]  # damaged on disk after the download
     table = table.set_column(table.column_names.index("image"), "image", pa.array(images, pa.binary()))
     pq.write_table(table, fetch.shard_path("00000"))
+    # Committed again as it now is (the done marker records the files' checksums): an image that passed fetch's
+    # checks but that a later stage cannot decode, not a damaged shard, which would be fetched again.
+    fetch.finish("00000", pq.read_table(fetch.dropped_path("00000")).to_pylist(), fetch.stats("00000"))
     damaged = table.column("url").to_pylist()[0]
 
     dedup_build(embed={"model": "sample:tiny-clip"}, semdedup={"clusters": 2, "eps": 0.0005},

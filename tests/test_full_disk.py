@@ -17,7 +17,7 @@ def small_disk(tmp_path):
     mount.mkdir()
     if os.geteuid() != 0:
         pytest.skip("mounting a tmpfs needs root")
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)], capture_output=True)
     if done.returncode:
         pytest.skip(f"this machine does not allow a tmpfs mount: {done.stderr.decode().strip()}")
     yield mount
@@ -25,7 +25,8 @@ def small_disk(tmp_path):
 
 
 def _recipe(tmp_path):
-    # Random alt texts do not compress: ~2 MB of shards, on a 1 MB disk.
+    # Random alt texts do not compress: ~2 MB of shards, written twice by ingest (its first pass, then the
+    # shards), on a 3 MB disk: the first pass fits, the disk fills part-way through the shards.
     rows = [{"URL": f"http://images.example/{i}.jpg", "TEXT": os.urandom(300).hex()} for i in range(3000)]
     write_metadata(tmp_path / "meta.parquet", rows)
     return load_recipe(write_recipe(tmp_path / "recipe.yaml", {

@@ -18,6 +18,15 @@ def space_needed(out: StageDir, upstream: StageDir | None) -> str:
     """An estimate from the shards done: their average size times the shards still to do."""
     done = out.done_shards()
     sizes = [sum(p.stat().st_size for p in out.path.glob(f"shard-{s}.*") if p.is_file()) for s in done]
+    if not sizes and out.path.is_dir():
+        # A stage that writes its per-shard measurements first (ingest's first pass, dedup's hashes): those
+        # shards are about the size of the stage's own.
+        for sub in sorted(p for p in out.path.iterdir() if p.is_dir()):
+            inner = StageDir(out.path.parent, f"{out.stage}/{sub.name}")
+            sizes = [sum(p.stat().st_size for p in inner.path.glob(f"shard-{s}.*") if p.is_file())
+                     for s in inner.done_shards()]
+            if sizes:
+                break
     total = len(upstream.done_shards()) if upstream is not None else None
     if not sizes:
         return "no shard of this stage is done yet, so its size is unknown"
