@@ -124,8 +124,8 @@ class Source:
             return ([meta.row_group(i).num_rows for i in range(meta.num_row_groups)],
                     self._open(path).schema_arrow.names)
 
-        if self.fs is not None and len(paths) > 1:
-            with ThreadPoolExecutor(min(16, len(paths))) as pool:
+        if len(paths) > 1:  # footers parse outside the GIL, and over the network they are round trips
+            with ThreadPoolExecutor(min(16 if self.fs is not None else 4, len(paths))) as pool:
                 footers = list(pool.map(footer, paths))
         else:
             footers = [footer(p) for p in paths]
