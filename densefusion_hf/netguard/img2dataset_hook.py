@@ -26,8 +26,13 @@ class GuardedDownloader(Downloader):
         self.guard = guard
 
     def download_shard(self, row):
-        urllib.request.install_opener(guarded_opener(self.guard))  # this worker process only
-        return super().download_shard(row)
+        # urllib's opener is process-wide: put back the one before, in case this runs in the caller's process.
+        previous = urllib.request._opener
+        urllib.request.install_opener(guarded_opener(self.guard))
+        try:
+            return super().download_shard(row)
+        finally:
+            urllib.request.install_opener(previous)
 
 
 @contextlib.contextmanager
