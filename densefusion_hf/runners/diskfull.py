@@ -32,8 +32,8 @@ def space_needed(out: StageDir, upstream: StageDir | None) -> str:
         return "no shard of this stage is done yet, so its size is unknown"
     average = sum(sizes) / len(sizes)
     if total is None:
-        return f"each shard takes about {_mb(average)} ({len(done)} done)"
-    left = max(0, total - len(done))
+        return f"each shard takes about {_mb(average)} ({len(sizes)} done)"
+    left = max(0, total - len(sizes))
     return f"{left} of {total} shards are left, about {_mb(left * average)} at {_mb(average)} a shard"
 
 
