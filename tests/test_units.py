@@ -83,6 +83,9 @@ def test_keep_columns_are_carried(tmp_path):
 def test_sample_is_deterministic_and_served_through_the_proxy(tmp_path):
     first = write_sample(tmp_path / "a").read_bytes()
     assert write_sample(tmp_path / "b").read_bytes() == first
+    # urlopen caches its first opener with the proxy settings of that moment: prime it without a proxy.
+    with pytest.raises(urllib.error.URLError):
+        urllib.request.urlopen("http://127.0.0.1:9/", timeout=2)
     with SampleServer(tmp_path / "a" / "files") as server, proxied_through(server):
         body = urllib.request.urlopen(f"http://{SAMPLE_HOST}/photos/astronaut.jpg", timeout=5).read()
         assert body == (tmp_path / "a" / "files" / "photos" / "astronaut.jpg").read_bytes()

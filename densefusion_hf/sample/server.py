@@ -12,6 +12,7 @@ import contextlib
 import mimetypes
 import os
 import threading
+import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
@@ -78,9 +79,13 @@ def proxied_through(server: SampleServer):
     saved = {name: os.environ.get(name) for name in _PROXY_VARS}
     os.environ["http_proxy"] = os.environ["HTTP_PROXY"] = server.address
     os.environ["no_proxy"] = os.environ["NO_PROXY"] = ""
+    # urlopen caches the opener it first builds, with the proxy settings of that moment: drop it on
+    # the way in and out so this process's urllib reads the variables set here.
+    urllib.request.install_opener(None)
     try:
         yield
     finally:
+        urllib.request.install_opener(None)
         for name, value in saved.items():
             if value is None:
                 os.environ.pop(name, None)
