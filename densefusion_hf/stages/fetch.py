@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import math
 import os
 import re
@@ -29,6 +28,7 @@ from densefusion_hf.netguard.opener import DownloadGuard, TooLarge, check_pixels
 from densefusion_hf.recipe import Recipe
 from densefusion_hf.recipe.sections import DEFAULT_DISALLOWED_DIRECTIVES, DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from densefusion_hf.sample.server import SampleServer, proxied_through
+from densefusion_hf.stages.downloads import DownloadedRows, check_complete, download_stats
 from densefusion_hf.stages.removal import exclusion_params, load_removals
 from densefusion_hf.stages.shards import StageDir
 from densefusion_hf.stages.base import BuildContext, ShardStage
@@ -88,8 +88,10 @@ def img2dataset_options(recipe: Recipe) -> dict:
 
 
 def run_img2dataset(urls_path: str, output_folder: str, rows: int, options: dict,
-                    guard: DownloadGuard | None = None) -> None:
-    """Download one of our shards; img2dataset splits it so that each of its processes gets a part."""
+                    guard: DownloadGuard | None = None) -> int:
+    """Download one of our shards; img2dataset splits it so that each of its processes gets a part.
+
+    Returns the number of parts it was given."""
     import img2dataset
 
     from densefusion_hf.netguard.img2dataset_hook import guarded_downloads
@@ -112,6 +114,7 @@ def run_img2dataset(urls_path: str, output_folder: str, rows: int, options: dict
         raise RuntimeError(f"img2dataset exited with status {exc.code}; see the shard's img2dataset.log") from None
     finally:
         signal.signal(signal.SIGINT, previous)
+    return math.ceil(rows / part_rows)
 
 
 class Fetch(ShardStage):
@@ -160,31 +163,24 @@ class Fetch(ShardStage):
             urls = pa.table({"url": rows["url"], "text": rows["text"], "row_key": rows["key"]})
             pq.write_table(urls, scratch / "urls.parquet")
             log_path = out.path / f"shard-{shard}.img2dataset.log"
+            options = img2dataset_options(ctx.recipe)
             with output_to_file(log_path):
-                run_img2dataset(str(scratch / "urls.parquet"), str(downloaded), rows.num_rows,
-                                img2dataset_options(ctx.recipe), download_guard(ctx.recipe, self.session_allowed))
-            parts = sorted(downloaded.glob("*.parquet"))
-            results = pa.concat_tables([pq.read_table(p, memory_map=True) for p in parts]) if parts else None
-            for stats_file in sorted(downloaded.glob("*_stats.json")):
-                part = json.loads(stats_file.read_text())
-                for field in ("count", "successes", "failed_to_download", "failed_to_resize"):
-                    i2d_stats[field] = i2d_stats.get(field, 0) + part.get(field, 0)
-                for status, count in part.get("status_dict", {}).items():
-                    i2d_stats.setdefault("status_dict", {})
-                    i2d_stats["status_dict"][status] = i2d_stats["status_dict"].get(status, 0) + count
+                parts = run_img2dataset(str(scratch / "urls.parquet"), str(downloaded), rows.num_rows, options,
+                                        download_guard(ctx.recipe, self.session_allowed))
+            check_complete(downloaded, parts, log_path)
+            results, i2d_stats = DownloadedRows(downloaded), download_stats(downloaded)
 
         schema = self.output_schema(rows.schema)
         drops: list[dict] = []
-        position = {}
-        if results is not None:
-            position = {k: i for i, k in enumerate(results.column("row_key").to_pylist())}
         with out.writer(shard, schema) as writer:
             for start in range(0, rows.num_rows, _WRITE_BATCH):
                 batch = rows.slice(start, _WRITE_BATCH)
-                kept = self._check_batch(batch, results, position, drops, ctx.recipe.fetch)
+                kept = self._check_batch(batch, results, drops, ctx.recipe.fetch)
                 kept = self._removed_images(kept, drops, load_removals(ctx.recipe.source.exclude))
                 writer.write(pa.Table.from_pylist(kept, schema=schema))
             rows_out = writer.rows
+        if results is not None:
+            results.close()
         shutil.rmtree(scratch, ignore_errors=True)
         return out.finish(shard, drops, {
             "rows_in": rows.num_rows, "rows_out": rows_out,
@@ -208,13 +204,9 @@ class Fetch(ShardStage):
         return pa.schema(fields + list(IMAGE_COLUMNS))
 
     @staticmethod
-    def _check_batch(batch: pa.Table, results: pa.Table | None, position: dict, drops: list,
-                     limits=None) -> list[dict]:
+    def _check_batch(batch: pa.Table, results: DownloadedRows | None, drops: list, limits=None) -> list[dict]:
         kept = []
-        wanted = [position.get(k) for k in batch.column("key").to_pylist()]
-        found = [i for i in wanted if i is not None]
-        fetched = results.take(found).to_pylist() if found else []
-        by_key = {r["row_key"]: r for r in fetched}
+        by_key = results.results(batch.column("key").to_pylist()) if results is not None else {}
         for row in batch.to_pylist():
             result = by_key.get(row["key"])
             base = {"key": row["key"], "url": row["url"]}
@@ -227,7 +219,7 @@ class Fetch(ShardStage):
                     result["status"] or "failed_to_download", result["error_message"] or "")
                 drops.append(dict(base, reason=reason, detail=detail))
                 continue
-            data = result["jpg"] or b""
+            data = result["image"] or b""
             try:
                 # Again here: a body img2dataset re-encoded, or a limit lowered since the download.
                 if limits is not None and limits.max_bytes is not None and len(data) > limits.max_bytes:
