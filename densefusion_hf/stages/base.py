@@ -8,6 +8,7 @@ A ``ShardStage`` is a plain function of (one input shard, settings) -> one outpu
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -179,6 +180,35 @@ def decision_table(keys: list[str], reasons: list, details: list, dup_of: list |
     })
 
 
+_SHARD_GROUPS = b"densefusion.shard_row_groups"
+
+
+def write_by_shard(decision: pa.Table, source: StageDir, shards: list[str], path) -> None:
+    """``decision`` saved in the shards' row order, one row group per shard, the shard -> row group map in the
+    file's metadata."""
+    keys = [source.read(s, columns=["key"]).column("key").combine_chunks() for s in shards]
+    wanted = pa.concat_arrays(keys) if keys else pa.array([], pa.string())
+    positions = pc.index_in(wanted, value_set=decision.column("key"))
+    if positions.null_count or len(decision) != len(wanted):
+        raise RuntimeError(f"the decision of {path.parent.name} does not cover exactly the rows of its input "
+                           f"({len(decision)} decided, {len(wanted)} rows); this is a bug")
+    ordered = decision.take(positions)
+    groups, offset, group = {}, 0, 0
+    metadata = dict(decision.schema.metadata or {})
+    for shard, shard_keys in zip(shards, keys):
+        if len(shard_keys):
+            groups[shard] = group
+            group += 1
+    metadata[_SHARD_GROUPS] = json.dumps(groups).encode()
+    schema = decision.schema.with_metadata(metadata)
+    with pq.ParquetWriter(path, schema) as writer:
+        for shard_keys in keys:
+            if len(shard_keys):
+                writer.write_table(ordered.slice(offset, len(shard_keys)).replace_schema_metadata(metadata),
+                                   row_group_size=len(shard_keys))
+            offset += len(shard_keys)
+
+
 class GlobalStage(ShardStage):
     """A decision over all rows at once (duplicate groups, clusters, quotas), applied shard by shard.
 
@@ -208,15 +238,24 @@ class GlobalStage(ShardStage):
             self.measure(ctx, source, shards)
             decision = self.decide(ctx, source, shards)
             tmp = temporary_name(path)
-            pq.write_table(decision, tmp)
+            write_by_shard(decision, source, shards, tmp)
             os.replace(tmp, path)
         self._decision = None
         return super().run(ctx, upstream)
 
-    def _decided(self, ctx: BuildContext) -> tuple[pa.Table, dict]:
-        """The saved decision and its key positions, read once per process (a worker reads its own)."""
+    def _decided(self, ctx: BuildContext, shard: str) -> tuple[pa.Table, dict]:
+        """The saved decision for ``shard`` and its key positions: one row group, so that a worker applying
+        it holds one shard's decision, not every row's."""
+        decision_file = pq.ParquetFile(self.decision_path(ctx))
+        metadata = decision_file.schema_arrow.metadata or {}
+        if _SHARD_GROUPS in metadata:
+            group = json.loads(metadata[_SHARD_GROUPS]).get(shard)
+            table = (decision_file.read_row_group(group) if group is not None
+                     else decision_file.schema_arrow.empty_table())
+            return table, {k: i for i, k in enumerate(table.column("key").to_pylist())}
+        # A decision saved whole (older work directories): read once per process.
         if getattr(self, "_decision", None) is None:
-            self._decision = pq.read_table(self.decision_path(ctx))
+            self._decision = decision_file.read()
             self._position = {k: i for i, k in enumerate(self._decision.column("key").to_pylist())}
         return self._decision, self._position
 
@@ -234,7 +273,7 @@ class GlobalStage(ShardStage):
     def run_shard(self, ctx: BuildContext, shard: str, source: StageDir, out: StageDir) -> dict:
         started = time.monotonic()
         rows = source.read(shard, columns=small_columns(source.shard_path(shard)))
-        decision, position = self._decided(ctx)
+        decision, position = self._decided(ctx, shard)
         decided = decision.take(pa.array([position[k] for k in rows.column("key").to_pylist()], pa.int64()))
         added = [n for n in decided.column_names if n not in ("key", "reason", "detail", "dup_of")]
         for name in added:
