@@ -148,9 +148,11 @@ def test_requests_failing_on_the_server_are_retried_then_recorded(tmp_path, llav
 
 
 def test_a_server_that_is_not_there_fails_each_request_and_stops_the_chunk(tmp_path, photo_files, monkeypatch):
-    base_url = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens there
+    port = free_port()
+    base_url = f"http://127.0.0.1:{port}/v1"  # nothing listens there
+    # {node_ip} is this node's address: 127.0.0.1 outside Ray
     recipe = load_recipe(write_caption_recipe(tmp_path, "http://127.0.0.1:9",
-                                              openai_caption(base_url, "some/model", retries=1)))
+                                              openai_caption(f"http://{{node_ip}}:{port}/v1", "some/model", retries=1)))
     captioner = Captioner(recipe, tmp_path / "work")
     try:
         captioned, drops, _ = captioner.caption_rows(rows_with_texts(photo_files, ["a cat"]))

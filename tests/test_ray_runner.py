@@ -176,3 +176,11 @@ def test_an_unreachable_address_is_a_clear_error(tmp_path):
     assert "no Ray cluster answers there" in result.stderr and "ray start --head" in result.stderr
     assert "Traceback" not in result.stderr
     assert time.monotonic() - started < 60
+
+
+def test_a_caption_server_per_node_is_named_by_the_workers_node_address(local_ray):
+    from densefusion_hf.fusion.openai_engine import server_url
+
+    on_worker = ray.get(ray.remote(server_url).remote("http://{node_ip}:8000/v1"))
+    assert on_worker == f"http://{ray.util.get_node_ip_address()}:8000/v1"
+    assert server_url("http://10.0.0.5:8000/v1") == "http://10.0.0.5:8000/v1"  # a fixed address stays

@@ -111,6 +111,24 @@ def server_message(response) -> str:
     return text[:500] or response.reason_phrase or "no message"
 
 
+NODE_PLACEHOLDER = "{node_ip}"
+
+
+def node_address() -> str:
+    """This node's address as Ray knows it inside a Ray worker; 127.0.0.1 anywhere else."""
+    try:
+        import ray
+    except ImportError:
+        return "127.0.0.1"
+    return ray.util.get_node_ip_address() if ray.is_initialized() else "127.0.0.1"
+
+
+def server_url(base_url: str) -> str:
+    """``caption.server.base_url`` for this worker: ``{node_ip}`` becomes its node's address, so that with one
+    server per GPU node every caption actor talks to the server on its own node."""
+    return base_url.replace(NODE_PLACEHOLDER, node_address()) if NODE_PLACEHOLDER in base_url else base_url
+
+
 class OpenAiEngine:
     """Captions through an OpenAI-compatible chat completions server."""
 
@@ -122,7 +140,7 @@ class OpenAiEngine:
         self.served_model = caption.model
         self.name = model_name(caption.model)
         self.prompt_version = prompt_version
-        self.url = server.base_url.rstrip("/") + "/chat/completions"
+        self.url = server_url(server.base_url).rstrip("/") + "/chat/completions"
         self._secret = None
         headers = {}
         if server.api_key_env:

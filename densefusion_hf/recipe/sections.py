@@ -342,7 +342,8 @@ class Server:
     """An OpenAI-compatible /v1/chat/completions server (vLLM, SGLang, TGI, transformers serve), engine openai."""
 
     base_url: str = option("http://127.0.0.1:8000/v1", pattern=r"https?://\S+",
-                           help="the server's API root, ending in /v1")
+                           help="the server's API root, ending in /v1; {node_ip} stands for the address of "
+                                "the node each caption worker runs on (one server per GPU node)")
     api_key_env: Optional[str] = option(None, pattern=r"[A-Za-z_][A-Za-z0-9_]*",
                                         help="name of the environment variable holding the API key (the key "
                                              "itself never goes in the recipe); null: no key")
