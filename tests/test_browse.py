@@ -376,3 +376,23 @@ def test_queries_phrases_prefixes_and_highlights():
     filters = Filters.from_query({"q": "sale", "in": "ocr", "min_words": "3", "has_ocr": "maybe", "max_side": "x"})
     assert filters.params() == {"q": "sale", "in": "ocr", "min_words": "3"}
     assert Filters.from_query(filters.params()) == filters
+
+
+def test_open_hands_the_address_to_the_users_browser(tmp_path):
+    from densefusion_hf.testing.synthetic import write_synthetic
+
+    folder = write_synthetic(tmp_path / "synthetic", rows=20)
+    opened = tmp_path / "opened.txt"
+    browser = tmp_path / "browser.sh"  # what $BROWSER names is what webbrowser runs, with the address
+    browser.write_text(f"#!/bin/sh\necho \"$1\" > {opened}\n")
+    browser.chmod(0o755)
+    served = start_browse(str(folder), "--open", "--cache-dir", str(tmp_path / "cache"),
+                          env=dict(os.environ, BROWSER=f"{browser} %s"))
+    try:
+        deadline = time.monotonic() + 30
+        while not opened.exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert opened.exists() and opened.read_text().strip() == served.url
+    finally:
+        code, output = served.stop()
+    assert code == 0, output
