@@ -8,6 +8,7 @@ pushes are `df-hf` processes, as a user runs them.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -15,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -113,3 +115,125 @@ def test_a_push_killed_at_random_instants_ends_with_the_local_files_each_uploade
     uploads = fake_hub.request_log()["lfs_uploads_by_oid"]
     assert len(lfs) >= 5 and uploads == {sha256: 1 for sha256 in lfs}, (uploads, lfs)  # each once in all
     assert not any((fake_hub.root / "blobs" / "tmp").iterdir())  # uploads cut off mid-body left nothing
+
+
+GOOD_TOKEN = "hf_pushSecretGood7Qx93kLmV2"
+WRONG_TOKEN = "hf_pushSecretWrong4Zr81pTdN6"
+
+
+class HubProcess:
+    """The fake Hub as its own process on a fixed port, so it can go away mid-push and come back."""
+
+    def __init__(self, root: Path, log: Path, port: int = 0):
+        self.root, self.log, self.port, self.process = root, log, port, None
+        self.opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback, never a proxy
+
+    def start(self) -> "HubProcess":
+        handle = open(self.log, "a")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "densefusion_hf.testing.hub_server", "--root", str(self.root), "--port",
+             str(self.port), "--token", f"{GOOD_TOKEN}=tester"], stdout=handle, stderr=subprocess.STDOUT, cwd=REPO,
+            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        handle.close()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            found = re.findall(r"at http://127\.0\.0\.1:(\d+)", self.log.read_text())
+            if found and self.process.poll() is None:
+                self.port = int(found[-1])
+                try:
+                    self.fake("GET", "log")
+                    return self
+                except OSError:
+                    pass
+            time.sleep(0.05)
+        raise AssertionError(f"the fake Hub did not start: {self.log.read_text()}")
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def fake(self, method: str, hook: str, body: dict | None = None) -> dict:
+        request = urllib.request.Request(f"{self.url}/_fake/{hook}", method=method,
+                                         data=None if body is None else json.dumps(body).encode())
+        with self.opener.open(request, timeout=10) as answer:
+            return json.loads(answer.read())
+
+    def writes(self) -> int:
+        return sum(1 for request in self.fake("GET", "log")["requests"] if WRITES.match(request))
+
+    def kill(self) -> None:
+        self.process.kill()
+        self.process.wait(timeout=30)
+
+
+def run_push(command: list[str], env: dict, outputs: list[str], kill_after_writes: int | None = None,
+             hub: HubProcess | None = None, kill_hub: bool = False) -> subprocess.CompletedProcess | None:
+    """A push in its own process; with ``kill_after_writes``, the push (or the Hub) is killed once that many
+    write requests began.  Its output is kept in ``outputs``."""
+    if kill_after_writes is None:
+        result = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+        outputs += [result.stdout, result.stderr]
+        return result
+    start = hub.writes()
+    process = subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while process.poll() is None and hub.writes() - start < kill_after_writes and time.monotonic() < deadline:
+        time.sleep(0.005)
+    if kill_hub:
+        hub.kill()
+    else:
+        os.killpg(process.pid, signal.SIGKILL)
+    stdout, stderr = process.communicate(timeout=300)
+    outputs += [stdout, stderr]
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
+def test_no_failed_push_leaves_the_token_in_any_file_log_or_output(published, tmp_path):
+    home = tmp_path / "home"
+    hub = HubProcess(tmp_path / "hub", tmp_path / "hub.log").start()
+    folder = published / "dataset"
+    outputs: list[str] = []
+
+    def env(token: str) -> dict:
+        return dict(client_env(hub.url, home, token), HOME=str(home), PYTHONUNBUFFERED="1")
+
+    def refused(result, *words):
+        assert result.returncode == 1, (result.returncode, result.stderr)
+        assert "Traceback" not in result.stderr and all(w in result.stderr for w in words), result.stderr
+
+    # A token the Hub does not know: 401, for a plain push and for a build that pushes.
+    refused(run_push(push_command(folder), env(WRONG_TOKEN), outputs), "401", "HF_TOKEN")
+    build_push = [sys.executable, "-m", "densefusion_hf", "build", str(published.parent / "recipe.yaml"),
+                  "--workdir", str(published), "--only", "publish", "--push", "--repo", REPO_ID, "--no-progress"]
+    refused(run_push(build_push, env(WRONG_TOKEN), outputs), "401")
+    # A namespace the token may not write to: 403.
+    other = push_command(folder)
+    other[other.index(REPO_ID)] = "someone-else/pushed"
+    refused(run_push(other, env(GOOD_TOKEN), outputs), "403", "cannot write to someone-else/pushed")
+    # The server fails every commit: 500.
+    hub.fake("POST", "fail-commits", {"after": 0})
+    refused(run_push(build_push, env(GOOD_TOKEN), outputs), "500", "run the same command again")
+    hub.fake("POST", "fail-commits", {"after": None})
+    # The server goes away after the first commit began, then comes back on the same port.
+    gone = run_push(push_command(folder), env(GOOD_TOKEN), outputs, kill_after_writes=4, hub=hub, kill_hub=True)
+    refused(gone, "run the same command again")
+    hub.start()
+    # The push itself killed mid-upload.
+    killed = run_push(push_command(folder), env(GOOD_TOKEN), outputs, kill_after_writes=3, hub=hub)
+    assert killed.returncode == -signal.SIGKILL
+    # Finished, then a new version whose commit fails, after its plan read the repo's card into the cache.
+    assert run_push(push_command(folder), env(GOOD_TOKEN), outputs).returncode == 0
+    hub.fake("POST", "fail-commits", {"after": 0})
+    refused(run_push(push_command(folder, "--version", "1.0.1"), env(GOOD_TOKEN), outputs), "500")
+    hub.kill()
+    outputs.append(hub.log.read_text())
+
+    secrets = [token.encode() for token in (GOOD_TOKEN, WRONG_TOKEN)] + [GOOD_TOKEN[-10:].encode(),
+                                                                          WRONG_TOKEN[-10:].encode()]
+    for text in outputs:
+        assert not any(secret.decode() in text for secret in secrets), text
+    searched = [p for base in (published, tmp_path) for p in base.rglob("*") if p.is_file() and not p.is_symlink()]
+    assert any(p.is_relative_to(home) and p.parent.name == "blobs" for p in searched)  # the cached card too
+    holding = [str(p) for p in searched if any(secret in p.read_bytes() for secret in secrets)]
+    assert holding == []
