@@ -8,7 +8,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, event, given, settings, strategies as st
 
 from densefusion_hf.errors import UserError
 from densefusion_hf.recipe import load_recipe
@@ -124,36 +124,41 @@ def write_mutated(path: Path, mutations) -> None:
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                  HealthCheck.too_slow])
-@given(mutations=st.lists(mutation(), min_size=1, max_size=3))
-def test_a_mutated_metadata_file_is_ingested_or_refused_by_name(mutations):
+@given(mutations=st.lists(mutation(), min_size=1, max_size=3), second=st.lists(mutation(), max_size=2))
+def test_a_mutated_metadata_file_is_ingested_or_refused_by_name(mutations, second):
+    """Two files (shards span both): the first mutated, the second mutated otherwise or left valid."""
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(scratch)
-        meta = folder / "meta.parquet"
+        meta, other = folder / "meta-0.parquet", folder / "meta-1.parquet"
         write_mutated(meta, mutations)
+        write_mutated(other, second)
         recipe = load_recipe(write_recipe(folder / "recipe.yaml", {
-            "name": "fuzz", "stages": ["ingest"], "source": {"metadata": ["meta.parquet"], "rows_per_shard": 4},
+            "name": "fuzz", "stages": ["ingest"], "source": {"metadata": ["meta-*.parquet"], "rows_per_shard": 4},
             "filters": {"min_short_side": 256, "max_aspect_ratio": 4.0, "max_punsafe": 0.5,
                         "min_similarity": 0.2, "max_pwatermark": 0.4}}))
         try:
             build(recipe, folder / "work", show_progress=False)
         except UserError as exc:
             message = str(exc)
-            assert str(meta) in message, message
+            assert str(meta) in message or str(other) in message, message
             assert "Parquet" in message or any(repr(c) in message for c in COLUMNS + ["other"]), message
+            event("refused with a UserError")
             return
         out = StageDir(folder / "work", "ingest")
         kept = [row for shard in out.done_shards() for row in out.read(shard).to_pylist()]
         drops = out.read_dropped().to_pylist()
-        assert len(kept) + len(drops) == pq.ParquetFile(meta).metadata.num_rows == ROWS
+        event("ingested, bad_metadata drops" if any(d["reason"] == "bad_metadata" for d in drops) else "ingested")
+        assert len(kept) + len(drops) == 2 * ROWS
         for row in kept:
             assert isinstance(row["url"], str) and row["url"].strip() == row["url"] != ""
             assert row["width"] is None or abs(row["width"]) <= 2 ** 31
         for drop in drops:
             assert drop["reason"] and drop["detail"], drop
             if drop["reason"] == "bad_metadata":
-                assert str(meta) in drop["detail"] and any(c in drop["detail"] for c in COLUMNS), drop
+                assert f"({meta})" in drop["detail"] or f"({other})" in drop["detail"], drop
+                assert any(drop["detail"].startswith(c + " ") for c in COLUMNS), drop
 
 
 def test_the_known_bad_values_are_drops_named_by_column(tmp_path):
