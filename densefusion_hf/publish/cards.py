@@ -114,10 +114,10 @@ def _changelog(info: dict, removed: int) -> list[dict]:
 def _config_view(info: dict) -> dict:
     """One config's numbers, shaped for the template."""
     features = datasets.Features.from_dict(info["features"])
-    removed = dropped_for(info, "removal_request")
+    removed = dropped_for(info, "removal_request")  # stages.removal.REASON
     return dict(info, rows=sum(f["rows"] for f in info["files"]),
                 changelog=_changelog(info, removed), removed=removed,
-                header_refused=dropped_for(info, "disallowed_by_header"),
+                header_refused=dropped_for(info, "disallowed_by_header"),  # fetch's X-Robots-Tag refusals
                 header_directives=info.get("header_directives"),  # None in builds made before it was saved
                 fields=[{"name": name, "dtype": _dtype_words(feature), "meaning": FIELD_MEANINGS.get(name, "")}
                         for name, feature in features.items()],
