@@ -70,23 +70,26 @@ def test_image_hashes_are_dropped_after_fetch(tmp_path, image_server, photo_file
 
 
 class _RobotsHandler(BaseHTTPRequestHandler):
-    """Photos; those under /robots/ come with an X-Robots-Tag that refuses AI use."""
-    body = b""
+    """Photos (``bodies`` by path, else ``body``); those under /robots/ come with an X-Robots-Tag that refuses
+    AI use."""
+    body, bodies = b"", {}
 
     def do_GET(self):  # noqa: N802
+        body = self.bodies.get(self.path, self.body)
         self.send_response(200)
         if self.path.startswith("/robots/"):
             self.send_header("X-Robots-Tag", "noai")
-        self.send_header("Content-Length", str(len(self.body)))
+        self.send_header("Content-Length", str(len(body)))
         self.end_headers()
-        self.wfile.write(self.body)
+        self.wfile.write(body)
 
     def log_message(self, *args):
         pass
 
 
 def test_the_card_counts_rows_removed_on_request_and_refused_by_header(tmp_path, photo_files, monkeypatch):
-    handler = type("H", (_RobotsHandler,), {"body": photo_files["img/astronaut.jpg"]})
+    taken_down = photo_files["img/chelsea.jpg"]
+    handler = type("H", (_RobotsHandler,), {"body": photo_files["img/astronaut.jpg"], "bodies": {"/4.jpg": taken_down}})
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     httpd.daemon_threads = True
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
@@ -94,7 +97,9 @@ def test_the_card_counts_rows_removed_on_request_and_refused_by_header(tmp_path,
         base = f"http://127.0.0.1:{httpd.server_address[1]}"
         monkeypatch.setenv(ALLOW_ENV, base.split("//", 1)[1])
         urls = [f"{base}/{i}.jpg" for i in range(5)] + [f"{base}/robots/{i}.jpg" for i in range(2)]
-        (tmp_path / "takedown.txt").write_text(f"{urls[0]}\n{url_key(urls[3])}\n")
+        # two rows at ingest (a URL, a key), one after fetch (its image's SHA-256)
+        (tmp_path / "takedown.txt").write_text(f"{urls[0]}\n{url_key(urls[3])}\n"
+                                               f"{hashlib.sha256(taken_down).hexdigest()}\n")
         write_metadata(tmp_path / "meta.parquet", [{"URL": u} for u in urls])
         recipe = load_recipe(write_recipe(tmp_path / "recipe.yaml", {
             "name": "removal", "version": "0.2.0", "changelog": {"0.1.0": "first", "0.2.0": "takedowns"},
@@ -106,17 +111,17 @@ def test_the_card_counts_rows_removed_on_request_and_refused_by_header(tmp_path,
         httpd.shutdown()
         httpd.server_close()
     card = (tmp_path / "work" / "dataset" / "README.md").read_text()
-    assert "Removal requests (`source.exclude`: URLs, keys or image SHA-256s) removed 2 rows from this " \
+    assert "Removal requests (`source.exclude`: URLs, keys or image SHA-256s) removed 3 rows from this " \
            "version." in card
     assert "Servers refused 2 images through `X-Robots-Tag` header directives (`noai`, `noimageai`, " \
            "`noimageindex`, `noindex`)." in card
-    assert "- **0.2.0**: takedowns (2 rows removed on removal requests)" in card
+    assert "- **0.2.0**: takedowns (3 rows removed on removal requests)" in card
     assert "- **0.1.0**: first\n" in card
     rows = pq.read_table(tmp_path / "work" / "dataset" / recipe.config_name).num_rows
-    assert rows == 3
+    assert rows == 2
 
 
-def test_a_version_without_removals_says_so_and_gets_a_changelog_line_only_when_rows_go(tmp_path):
+def test_the_changelog_counts_removals_only_on_a_version_that_had_some():
     from densefusion_hf.publish.cards import _changelog, dropped_for
 
     info = {"recipe": {"version": "1.1.0", "changelog": {"1.0.0": "first"}},
