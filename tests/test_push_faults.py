@@ -75,7 +75,7 @@ def local_files(folder: Path) -> dict[str, str]:
 
 
 def test_a_push_killed_at_random_instants_ends_with_the_local_files_each_uploaded_once(published, fake_hub,
-                                                                                      hub_env, tmp_path):
+                                                                                      hub_env):
     folder = published / "dataset"
     rng = random.Random(20260414)
     env = dict(hub_env, PYTHONUNBUFFERED="1")
