@@ -423,3 +423,43 @@ def test_command_line_serves_until_interrupted(tmp_path):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_unknown_tokens_and_foreign_namespaces_are_refused_when_tokens_are_set(tmp_path):
+    with FakeHub(tmp_path / "hub", tokens={FAKE_TOKEN: ("tester",)}) as hub:
+        create = {"name": "mine", "organization": "tester", "type": "dataset"}
+        assert http(hub, "POST", "/api/repos/create", create)[0] == 200
+        status, headers, _ = http(hub, "GET", "/api/datasets/tester/mine",
+                                  headers={"Authorization": "Bearer hf_not_a_token_it_knows"}, token=False)
+        assert status == 401 and headers["X-Error-Message"] == "Invalid credentials in Authorization header"
+        status, _, body = http(hub, "POST", "/api/repos/create", dict(create, organization="someone"))
+        assert status == 403 and "rights to write to someone/mine" in json.loads(body)["error"]
+        assert http(hub, "GET", "/api/datasets/tester/mine", token=False)[0] == 200  # reads need no token
+    with FakeHub(tmp_path / "hub") as hub:  # without tokens, as before: any token writes anywhere
+        assert http(hub, "POST", "/api/repos/create", dict(create, organization="someone"))[0] == 200
+
+
+def test_an_upload_cut_off_mid_body_stores_nothing_and_counts_nothing(tmp_path):
+    import socket
+    import time
+
+    data = b"x" * 100_000
+    oid = hashlib.sha256(data).hexdigest()
+    tmp = tmp_path / "hub" / "blobs" / "tmp"
+
+    def wait_until(condition):
+        deadline = time.monotonic() + 10
+        while not condition() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return condition()
+
+    with FakeHub(tmp_path / "hub") as hub:
+        target = f"/_lfs/objects/{oid}?size={len(data)}&sig={hub.sign(oid, len(data))}"
+        with socket.create_connection(("127.0.0.1", int(hub.url.rsplit(":", 1)[1]))) as raw:
+            raw.sendall(f"PUT {target} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(data)}\r\n\r\n".encode()
+                        + data[:1000])
+            assert wait_until(lambda: any(tmp.iterdir()))  # the upload has begun
+        assert wait_until(lambda: not any(tmp.iterdir()))  # the client went away: its part is gone
+        assert not hub.blobs.has(oid) and hub.request_log()["lfs_uploads_by_oid"] == {}
+        assert http(hub, "PUT", target, data, token=False)[0] == 200
+        assert hub.request_log()["lfs_uploads_by_oid"] == {oid: 1} and hub.blobs.has(oid, len(data))

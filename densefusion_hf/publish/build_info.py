@@ -91,6 +91,7 @@ def build_info(recipe: Recipe, *, features: dict, stages: list[dict], selection:
         "selection": selection,
         "stats": stats,
         "caption": caption_info(recipe, prompt_versions),
+        "header_directives": sorted(d.lower() for d in recipe.fetch.disallowed_header_directives),
         "features": features,
         "files": files,
         "num_bytes": num_bytes,

@@ -95,12 +95,30 @@ def _dtype_words(feature) -> str:
     return type(feature).__name__.lower()
 
 
+def dropped_for(info: dict, reason: str) -> int:
+    """Rows every stage of the build dropped for ``reason``."""
+    return sum(stage["dropped"].get(reason, 0) for stage in info["stages"])
+
+
+def _changelog(info: dict, removed: int) -> list[dict]:
+    """The recipe's changelog, newest first; this version's entry says how many rows removal requests took
+    out (an entry is added for it when the recipe has none)."""
+    entries = dict(info["recipe"]["changelog"])
+    version = info["recipe"]["version"]
+    if removed:
+        entries.setdefault(version, "")
+    return [{"version": v, "text": text, "removed": removed if v == version and removed else None}
+            for v, text in sorted(entries.items(), key=lambda kv: version_key(kv[0]), reverse=True)]
+
+
 def _config_view(info: dict) -> dict:
     """One config's numbers, shaped for the template."""
     features = datasets.Features.from_dict(info["features"])
-    changelog = sorted(info["recipe"]["changelog"].items(), key=lambda kv: version_key(kv[0]), reverse=True)
+    removed = dropped_for(info, "removal_request")  # stages.removal.REASON
     return dict(info, rows=sum(f["rows"] for f in info["files"]),
-                changelog=[{"version": version, "text": text} for version, text in changelog],
+                changelog=_changelog(info, removed), removed=removed,
+                header_refused=dropped_for(info, "disallowed_by_header"),  # fetch's X-Robots-Tag refusals
+                header_directives=info.get("header_directives"),  # None in builds made before it was saved
                 fields=[{"name": name, "dtype": _dtype_words(feature), "meaning": FIELD_MEANINGS.get(name, "")}
                         for name, feature in features.items()],
                 charts={name: f"assets/{info['config']}/{name}.png" for name in CHARTS

@@ -2,8 +2,9 @@
 
 Nothing is downloaded here: rows are cut into shards of ``source.rows_per_shard`` in source order,
 with the recipe's column names mapped to ours (key, url, text, width, height, similarity, punsafe,
-pwatermark, and ``keep_columns``).  A row whose URL is empty, that a filter rejects, or whose URL was
-already kept, is recorded in the shard's dropped rows with its reason and the value that decided it.
+pwatermark, and ``keep_columns``).  A row whose URL is empty, with a value that cannot be read
+(``metadata_columns``), that a filter rejects, or whose URL was already kept, is recorded in the shard's
+dropped rows with its reason and the value that decided it.
 
 Repeated URLs are found in memory that does not grow with the metadata (LAION-2B has 2.3B rows), in
 three passes that each spread over the executor:
@@ -35,6 +36,7 @@ from densefusion_hf.errors import UserError
 from densefusion_hf.keys import url_key
 from densefusion_hf.recipe import MetadataFilters, Recipe
 from densefusion_hf.sample.make import SAMPLE_VERSION, write_sample
+from densefusion_hf.stages.metadata_columns import PROBLEM, typed_columns
 from densefusion_hf.stages.removal import exclusion_params, load_removals, split_removed
 from densefusion_hf.stages.shards import DROPPED_SCHEMA, shard_name, temporary_name
 from densefusion_hf.stages.base import BuildContext, Stage
@@ -68,6 +70,14 @@ def source_files(recipe: Recipe, workdir: Path) -> list[Path]:
     return files
 
 
+def open_metadata(path: Path) -> pq.ParquetFile:
+    """A metadata file opened for reading, or a UserError naming it."""
+    try:
+        return pq.ParquetFile(path)
+    except (OSError, pa.ArrowException) as exc:  # not Parquet, truncated, unreadable
+        raise UserError(f"{path}: not a readable Parquet metadata file ({exc}).") from None
+
+
 def _check_columns(recipe: Recipe, path: Path, schema: pa.Schema) -> dict[str, str]:
     """Map our names to the file's columns, or say which recipe field names a missing column."""
     names = set(schema.names)
@@ -94,7 +104,7 @@ def _check_columns(recipe: Recipe, path: Path, schema: pa.Schema) -> dict[str, s
 
 
 def count_rows(recipe: Recipe, files: list[Path]) -> int:
-    total = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+    total = sum(open_metadata(f).metadata.num_rows for f in files)
     return min(total, recipe.source.limit) if recipe.source.limit else total
 
 
@@ -116,7 +126,7 @@ def shard_rows(recipe: Recipe, files: list[Path], counts: list[int], index: int)
         offset += count
         if lo >= hi:
             continue
-        parquet = pq.ParquetFile(path)
+        parquet = open_metadata(path)
         mapping = _check_columns(recipe, path, parquet.schema_arrow)
         groups, first, seen = [], None, 0
         for g in range(parquet.metadata.num_row_groups):
@@ -125,9 +135,17 @@ def shard_rows(recipe: Recipe, files: list[Path], counts: list[int], index: int)
                 groups.append(g)
                 first = seen if first is None else first
             seen += n
-        table = parquet.read_row_groups(groups, columns=list(set(mapping.values()))).slice(lo - first, hi - lo)
-        tables.append(pa.table({ours: table[theirs] for ours, theirs in mapping.items()}))
-    return pa.concat_tables(tables, promote_options="permissive")
+        try:
+            table = parquet.read_row_groups(groups, columns=list(set(mapping.values()))).slice(lo - first, hi - lo)
+        except (OSError, pa.ArrowException) as exc:  # a damaged data page
+            raise UserError(f"{path}: its rows {lo} to {hi} cannot be read ({exc}).") from None
+        table = pa.table({ours: table[theirs] for ours, theirs in mapping.items()})
+        tables.append(typed_columns(table, mapping, path))
+    try:
+        return pa.concat_tables(tables, promote_options="permissive")
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:  # only kept columns can still differ in type
+        raise UserError(f"source.keep_columns: the metadata files {', '.join(str(f) for f in files)} hold a "
+                        f"kept column in types that do not combine ({exc}).") from None
 
 
 def _chunks(recipe: Recipe, files: list[Path]) -> Iterator[pa.Table]:
@@ -136,7 +154,7 @@ def _chunks(recipe: Recipe, files: list[Path]) -> Iterator[pa.Table]:
     pending: list[pa.Table] = []
     pending_rows = emitted = 0
     for path in files:
-        parquet = pq.ParquetFile(path)
+        parquet = open_metadata(path)
         mapping = _check_columns(recipe, path, parquet.schema_arrow)
         for batch in parquet.iter_batches(batch_size=min(size, 65_536), columns=list(set(mapping.values()))):
             table = pa.Table.from_batches([batch])
@@ -220,7 +238,7 @@ class Ingest(Stage):
         if not recipe.source.sample:
             # What the globs match now: a file added, removed or replaced moves every shard boundary.
             try:
-                params["files"] = [[str(f), f.stat().st_size, pq.ParquetFile(f).metadata.num_rows]
+                params["files"] = [[str(f), f.stat().st_size, open_metadata(f).metadata.num_rows]
                                    for f in source_files(recipe, Path("."))]
             except UserError:
                 params["files"] = []  # reported when the stage runs
@@ -239,7 +257,7 @@ class Ingest(Stage):
         measure.prepare()
         keys_dir.mkdir(parents=True, exist_ok=True)
         files = source_files(recipe, ctx.workdir)
-        counts = [pq.ParquetFile(f).metadata.num_rows for f in files]
+        counts = [open_metadata(f).metadata.num_rows for f in files]
         total_rows = count_rows(recipe, files)
         shards = [shard_name(i) for i in range(math.ceil(total_rows / recipe.source.rows_per_shard))]
         partitions = max(1, math.ceil(total_rows / KEYS_PER_PARTITION))
@@ -346,7 +364,8 @@ class Ingest(Stage):
 
     @staticmethod
     def _schema(chunk: pa.Table) -> pa.Schema:
-        extra = [chunk.schema.field(name) for name in chunk.column_names if name not in BASE_SCHEMA.names]
+        extra = [chunk.schema.field(name) for name in chunk.column_names
+                 if name not in BASE_SCHEMA.names and name != PROBLEM]
         return pa.schema(list(BASE_SCHEMA) + extra)
 
     @staticmethod
@@ -354,9 +373,13 @@ class Ingest(Stage):
         """Rows that pass the filters and the drops of the others, each with its ``position`` in the chunk."""
         rows, drops = [], []
         for position, row in enumerate(chunk.to_pylist()):
-            raw = row.get("url")
+            raw, problem = row.get("url"), row.pop(PROBLEM, None)
             url = raw.strip() if isinstance(raw, str) else ""
             key = url_key(url)
+            if problem:  # a value no reader could make sense of, named with its column and file
+                drops.append({"key": key, "url": url or None, "reason": "bad_metadata", "detail": problem[:300],
+                              "position": position})
+                continue
             if not url:
                 drops.append({"key": key, "url": None if raw is None else str(raw), "reason": "no_url",
                               "detail": "no URL" if raw is None else f"not a URL: {raw!r}"[:200],

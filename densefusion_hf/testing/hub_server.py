@@ -17,7 +17,9 @@ repositories) and one JSON document per repository in ``repos/`` (every commit a
 snapshot, plus the branch, tag and pull-request refs), rewritten atomically.  A server restarted on the
 same root serves the same repositories.
 
-Any ``Authorization: Bearer`` token is accepted; requests that write need one (401 otherwise).  Tokens are
+Any ``Authorization: Bearer`` token is accepted; requests that write need one (401 otherwise).  Given
+``tokens`` (token -> the namespaces it may write; ``--token TOKEN=NS,NS``), the server answers like the Hub
+to any other token (401 "Invalid credentials") and to a write outside those namespaces (403).  Tokens are
 never logged.  Test hooks live under ``/_fake/`` (request log and counters, simulated commit failures).
 
 Run it by hand with ``python -m densefusion_hf.testing.hub_server --root DIR [--port N]``.
@@ -34,6 +36,7 @@ import logging
 import os
 import re
 import secrets
+import sys
 import tempfile
 import threading
 import traceback
@@ -200,11 +203,15 @@ class BlobStore:
     def _write_tmp(self, chunks) -> tuple[Path, str, int]:
         digest, size = hashlib.sha256(), 0
         fd, name = tempfile.mkstemp(dir=self.tmp)
-        with os.fdopen(fd, "wb") as out:
-            for chunk in chunks:
-                digest.update(chunk)
-                size += len(chunk)
-                out.write(chunk)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                for chunk in chunks:
+                    digest.update(chunk)
+                    size += len(chunk)
+                    out.write(chunk)
+        except BaseException:  # the client went away mid-body: keep no partial object
+            os.unlink(name)
+            raise
         return Path(name), digest.hexdigest(), size
 
     def _commit_file(self, tmp_path: Path, sha256: str) -> None:
@@ -474,6 +481,10 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
     hub: "FakeHub"
 
+    def handle_error(self, request, client_address):
+        if not isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):  # a client killed mid-request
+            super().handle_error(request, client_address)
+
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive: streaming readers issue many range requests
@@ -505,16 +516,22 @@ class _Handler(BaseHTTPRequestHandler):
         hub.record_request(method, url.path)
         name, params = self._match(method, url.path)
         request = Request(method, url.path, parse_qs(url.query), self.headers, params)
-        if name != "lfs_put":  # the upload streams its own body; every other body is read before replying
-            request.body = b"".join(self._body_chunks())
         try:
+            if name != "lfs_put":  # the upload streams its own body; every other body is read before replying
+                request.body = b"".join(self._body_chunks())
             reply = self._dispatch(hub, name, request)
         except HubError as error:
             reply = error_reply(error)
+        except (ConnectionError, TimeoutError):  # the client is gone (killed mid-request): nobody to answer
+            self.close_connection = True
+            return
         except Exception:
             logger.error("fake hub: %s %s failed\n%s", method, url.path, traceback.format_exc())
             reply = Reply(500, {"error": "Internal error in the fake hub (see its log)"})
-        self._send(reply, head_only=method == "HEAD")
+        try:
+            self._send(reply, head_only=method == "HEAD")
+        except (ConnectionError, TimeoutError):  # the client went away before the answer
+            self.close_connection = True
 
     def _match(self, method: str, path: str) -> tuple[str | None, dict]:
         for route_method, pattern, name in COMPILED_ROUTES:
@@ -618,11 +635,25 @@ class HubApi:
     def _repo_url(self, request: Request, kind: str, repo_id: str) -> str:
         return f"{self._base_url(request)}/{URL_PREFIXES[kind]}{repo_id}"
 
-    def _require_token(self, request: Request) -> None:
+    def _require_token(self, request: Request, repo_id: str | None = None) -> None:
+        """A write needs a token; with ``tokens`` set, a known one allowed to write ``repo_id``'s namespace
+        (by default the repo the URL names)."""
         if request.token is None:
             raise HubError(401, "Authentication required: send an Authorization: Bearer <token> header to write")
+        self._check_token(request)
+        repo_id = repo_id or (request.repo_id if "repo" in request.params else None)
+        allowed = self.hub.tokens[request.token] if self.hub.tokens is not None else None
+        if repo_id and allowed is not None and repo_id.split("/")[0] not in allowed:
+            raise HubError(403, f"You don't have the rights to write to {repo_id}: this token may write to "
+                                f"{', '.join(allowed) or 'no namespace'}", "Forbidden")
+
+    def _check_token(self, request: Request) -> None:
+        """Like the Hub, a token it does not know is refused whatever the request."""
+        if request.token is not None and self.hub.tokens is not None and request.token not in self.hub.tokens:
+            raise HubError(401, "Invalid credentials in Authorization header", "InvalidCredentials")
 
     def _repo(self, request: Request) -> dict:
+        self._check_token(request)
         repo_id = request.repo_id
         repo = self.repos.load(request.kind, repo_id)
         if repo is None:
@@ -673,8 +704,8 @@ class HubApi:
         return kind, repo_id
 
     def create_repo(self, request: Request) -> Reply:
-        self._require_token(request)
         kind, repo_id = self._named_repo(request)
+        self._require_token(request, repo_id)
         payload = request.json()
         private = bool(payload.get("private")) or payload.get("visibility") == "private"
         url = self._repo_url(request, kind, repo_id)
@@ -685,8 +716,8 @@ class HubApi:
         return Reply(200, {"url": url, "name": repo_id, "id": repo_id})
 
     def delete_repo(self, request: Request) -> Reply:
-        self._require_token(request)
         kind, repo_id = self._named_repo(request)
+        self._require_token(request, repo_id)
         with self.hub.lock:
             if not self.repos.delete(kind, repo_id):
                 raise repo_not_found(repo_id)
@@ -772,7 +803,7 @@ class HubApi:
                 pass
             raise HubError(403, "Invalid or missing upload signature")
         self.blobs.put_stream(chunks, oid, size)
-        self.hub.count_lfs_upload(size)
+        self.hub.count_lfs_upload(oid, size)
         return Reply(200, b"", {"ETag": f'"{oid}"'})
 
     def lfs_verify(self, request: Request) -> Reply:
@@ -964,8 +995,10 @@ class FakeHub:
     1000, or 50 when ``expand=True``); small pages make clients really follow the pagination.
     """
 
-    def __init__(self, root: str | os.PathLike, *, port: int = 0, page_size: int = 50):
+    def __init__(self, root: str | os.PathLike, *, port: int = 0, page_size: int = 50,
+                 tokens: dict[str, tuple[str, ...]] | None = None):
         self.root = Path(root).resolve()
+        self.tokens = tokens  # None: any token writes anywhere
         self.blobs = BlobStore(self.root / "blobs")
         self.repos = RepoStore(self.root / "repos")
         self.page_size = page_size
@@ -1014,7 +1047,8 @@ class FakeHub:
 
     def reset_log(self) -> None:
         with self.lock:
-            self._log = {"lfs_uploads": 0, "lfs_bytes": 0, "commits": 0, "requests": [], "unhandled": []}
+            self._log = {"lfs_uploads": 0, "lfs_bytes": 0, "lfs_uploads_by_oid": {}, "commits": 0, "requests": [],
+                         "unhandled": []}
 
     def request_log(self) -> dict:
         """Counters and requests ("METHOD /path", no query) since start or the last reset."""
@@ -1030,10 +1064,12 @@ class FakeHub:
         with self.lock:
             self._log["unhandled"].append(f"{method} {path}")
 
-    def count_lfs_upload(self, size: int) -> None:
+    def count_lfs_upload(self, oid: str, size: int) -> None:
+        """One LFS object stored whole (an upload cut off mid-body stores nothing and counts nothing)."""
         with self.lock:
             self._log["lfs_uploads"] += 1
             self._log["lfs_bytes"] += size
+            self._log["lfs_uploads_by_oid"][oid] = self._log["lfs_uploads_by_oid"].get(oid, 0) + 1
 
     def count_commit(self) -> None:
         with self.lock:
@@ -1080,8 +1116,14 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--root", required=True, help="folder holding the fake hub's blobs and repositories")
     parser.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (default: any free port)")
+    parser.add_argument("--token", action="append", metavar="TOKEN=NS,NS",
+                        help="accept only these tokens, each writing only to the namespaces named (repeatable)")
     args = parser.parse_args(argv)
-    hub = FakeHub(args.root, port=args.port)
+    tokens = None
+    if args.token:
+        tokens = {token: tuple(filter(None, spaces.split(","))) for token, _, spaces in
+                  (entry.partition("=") for entry in args.token)}
+    hub = FakeHub(args.root, port=args.port, tokens=tokens)
     print(f"Fake Hugging Face Hub serving {hub.root} at {hub.url}", flush=True)
     print(f"  export HF_ENDPOINT={hub.url} HF_HUB_DISABLE_XET=1 HF_TOKEN=hf_fake", flush=True)
     try:
