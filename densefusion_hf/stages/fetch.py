@@ -156,12 +156,16 @@ class Fetch(ShardStage):
         scratch = out.scratch(shard)
         downloaded = scratch / "img2dataset"
         results, i2d_stats = None, {}
-        if rows.num_rows:
-            urls = pa.table({"url": rows["url"], "text": rows["text"], "row_key": rows["key"]})
+        # A release build takes each row's image from its zip; only the rows it lacks are downloaded.
+        release = self._release_images(ctx, rows)
+        to_download = rows if release is None else release.to_download(rows)
+        if to_download.num_rows:
+            urls = pa.table({"url": to_download["url"], "text": to_download["text"].fill_null(""),
+                             "row_key": to_download["key"]})
             pq.write_table(urls, scratch / "urls.parquet")
             log_path = out.path / f"shard-{shard}.img2dataset.log"
             with output_to_file(log_path):
-                run_img2dataset(str(scratch / "urls.parquet"), str(downloaded), rows.num_rows,
+                run_img2dataset(str(scratch / "urls.parquet"), str(downloaded), to_download.num_rows,
                                 img2dataset_options(ctx.recipe), download_guard(ctx.recipe, self.session_allowed))
             parts = sorted(downloaded.glob("*.parquet"))
             results = pa.concat_tables([pq.read_table(p, memory_map=True) for p in parts]) if parts else None
@@ -173,23 +177,37 @@ class Fetch(ShardStage):
                     i2d_stats.setdefault("status_dict", {})
                     i2d_stats["status_dict"][status] = i2d_stats["status_dict"].get(status, 0) + count
 
-        schema = self.output_schema(rows.schema)
+        schema = self.output_schema(rows.schema, release is not None)
         drops: list[dict] = []
         position = {}
+        kept_keys: set[str] = set()
         if results is not None:
             position = {k: i for i, k in enumerate(results.column("row_key").to_pylist())}
         with out.writer(shard, schema) as writer:
             for start in range(0, rows.num_rows, _WRITE_BATCH):
                 batch = rows.slice(start, _WRITE_BATCH)
-                kept = self._check_batch(batch, results, position, drops, ctx.recipe.fetch)
+                kept = self._check_batch(batch, results, position, drops, ctx.recipe.fetch, release)
                 kept = self._removed_images(kept, drops, load_removals(ctx.recipe.source.exclude))
+                kept_keys.update(row["key"] for row in kept)
                 writer.write(pa.Table.from_pylist(kept, schema=schema))
             rows_out = writer.rows
         shutil.rmtree(scratch, ignore_errors=True)
-        return out.finish(shard, drops, {
-            "rows_in": rows.num_rows, "rows_out": rows_out,
-            "seconds": round(time.monotonic() - started, 3), "img2dataset": i2d_stats,
-        })
+        stats = {"rows_in": rows.num_rows, "rows_out": rows_out,
+                 "seconds": round(time.monotonic() - started, 3), "img2dataset": i2d_stats}
+        if release is not None:
+            release.close()
+            release.explain(drops)
+            stats["release"] = release.counts(kept_keys)
+        return out.finish(shard, drops, stats)
+
+    @staticmethod
+    def _release_images(ctx: BuildContext, rows: pa.Table):
+        """The release's images for these rows (densefusion_hf.release.images), or None for other sources."""
+        if ctx.recipe.source.release is None:
+            return None
+        from densefusion_hf.release.images import ShardImages
+
+        return ShardImages(ctx.recipe, ctx.workdir, rows)
 
     @staticmethod
     def _removed_images(kept: list[dict], drops: list, removals) -> list[dict]:
@@ -203,19 +221,25 @@ class Fetch(ShardStage):
         return [row for row in kept if row["sha256"] not in removals.sha256]
 
     @staticmethod
-    def output_schema(ingest_schema: pa.Schema) -> pa.Schema:
+    def output_schema(ingest_schema: pa.Schema, release: bool = False) -> pa.Schema:
         fields = [f for f in ingest_schema if f.name not in IMAGE_COLUMNS.names]
-        return pa.schema(fields + list(IMAGE_COLUMNS))
+        # A release build says where each image came from: "release" (its zip) or "url" (downloaded again).
+        return pa.schema(fields + list(IMAGE_COLUMNS) + ([pa.field("image_source", pa.string())] if release else []))
 
     @staticmethod
     def _check_batch(batch: pa.Table, results: pa.Table | None, position: dict, drops: list,
-                     limits=None) -> list[dict]:
+                     limits=None, release=None) -> list[dict]:
         kept = []
         wanted = [position.get(k) for k in batch.column("key").to_pylist()]
         found = [i for i in wanted if i is not None]
         fetched = results.take(found).to_pylist() if found else []
         by_key = {r["row_key"]: r for r in fetched}
         for row in batch.to_pylist():
+            taken = release.image_row(row["key"]) if release is not None else None
+            if taken is not None:
+                row.update(taken)
+                kept.append(row)
+                continue
             result = by_key.get(row["key"])
             base = {"key": row["key"], "url": row["url"]}
             if result is None:
@@ -247,5 +271,7 @@ class Fetch(ShardStage):
                 original_height=result["original_height"] or info.height,
                 image_format=info.format, sha256=hashlib.sha256(data).hexdigest(), image=data,
             )
+            if release is not None:
+                row["image_source"] = "url"
             kept.append(row)
         return kept
