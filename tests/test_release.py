@@ -167,13 +167,20 @@ def test_release_build_publishes_what_can_be_had_with_its_card_and_loads(hub_rel
 
     code = textwrap.dedent(f"""
         import json, datasets, densefusion_hf
+        from densefusion_hf.errors import UserError
         pushed = datasets.load_dataset({PUSHED!r}, "densefusion-1m", split="train")
         short = densefusion_hf.load_dataset("densefusion-1m", split="train")
         small = densefusion_hf.load_dataset("densefusion-4v-100k", split="train")
+        try:
+            densefusion_hf.dataloader(densefusion_hf.stream("densefusion-1m", shuffle_buffer=0), batch_size=2)
+            hint = None
+        except UserError as exc:
+            hint = str(exc)
         print(json.dumps([[r["key"] for r in pushed], [r["image"].size for r in pushed],
-                          [[r["url"], r["caption"]] for r in short], [r["caption"] for r in small]]))
+                          [[r["url"], r["caption"]] for r in short], [r["caption"] for r in small], hint]))
     """)
-    keys, sizes, short, small = json.loads(run_python(code, env).stdout.strip().splitlines()[-1])
+    keys, sizes, short, small, hint = json.loads(run_python(code, env).stdout.strip().splitlines()[-1])
+    assert "These rows have no images" in hint and "densefusion-1m-release.yaml" in hint
     assert keys == [r["key"] for r in published(workdir)] and all(w > 0 and h > 0 for w, h in sizes)
     assert short == [[r["url"], r["caption"]] for r in release.rows]        # the release as the Hub serves it
     assert small == ["A GPT-4V caption of picture 0."]
@@ -230,3 +237,19 @@ def test_an_interrupted_zip_download_is_resumed_not_restarted(hub_release, fake_
     ranges = [d["range"] for d in fake_hub.request_log()["downloads"] if d["path"].endswith(zip_path)]
     assert len(ranges) == 1 and re.fullmatch(r"bytes=(\d+)-", ranges[0] or ""), ranges
     assert int(ranges[0][6:-1]) > 20_000    # it went on from where the killed download stopped
+
+
+def test_a_caption_stage_on_a_release_writes_ours_beside_the_release_caption(mini_release, tmp_path):
+    from densefusion_hf.runners.local import build
+
+    path = release_recipe(tmp_path, release={"repo": str(mini_release.folder)}, limit=2)  # both in 000000.zip
+    body = yaml.safe_load(path.read_text())
+    body.update(stages=["ingest", "fetch", "caption", "publish"],
+                caption={"engine": "template", "experts": {"ocr": {"engine": None}}})
+    path.write_text(yaml.safe_dump(body))
+    build(load_recipe(path), tmp_path / "work", show_progress=False)
+    rows = published(tmp_path / "work")
+    assert [r["caption"] for r in rows] == [r["caption"] for r in mini_release.rows[:2]]
+    assert all(r["caption_model"].startswith("DenseFusion-1M release") for r in rows)
+    assert all(r["fusion_caption"] and r["fusion_caption_model"] == "template" for r in rows)
+    assert all(r["priors"] is not None and r["image_source"] == "release" for r in rows)
