@@ -13,8 +13,10 @@ import subprocess
 import sys
 import textwrap
 import time
+import zipfile
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -190,27 +192,26 @@ def _blobs(env: dict) -> Path:
     return Path(env["HF_HOME"]) / "hub" / f"datasets--{RELEASE_REPO.replace('/', '--')}" / "blobs"
 
 
-def _kill_when_downloading(command: list[str], env: dict, blobs: Path, timeout: float = 120) -> None:
-    """Run ``command``; SIGKILL it (and its children) once a zip is half-downloaded into the Hub cache."""
+def _kill_when(command: list[str], env: dict, ready, timeout: float = 120) -> None:
+    """Run ``command``; SIGKILL it (and its children) as soon as ``ready()`` is true."""
     child = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                              start_new_session=True)
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and child.poll() is None:
-        partial = [p for p in blobs.glob("*.incomplete") if p.stat().st_size > 20_000] if blobs.exists() else []
-        if partial:
-            break
-        time.sleep(0.05)
+    while not ready() and time.monotonic() < deadline and child.poll() is None:
+        time.sleep(0.02)
+    reached = ready()
     os.killpg(child.pid, signal.SIGKILL)
     child.wait()
-    assert partial, "the command ended before a zip download was under way"
+    assert reached, "the command ended before the moment it was to be killed at"
 
 
 def test_rerun_after_sigkill_while_reading_the_zips_gives_the_same_rows(hub_release, fake_hub, tmp_path):
     release, env = hub_release
     workdir, recipe = tmp_path / "work", release_recipe(tmp_path)
-    fake_hub.download_rate = 40_000   # bytes a second: each zip takes a few seconds
-    _kill_when_downloading([sys.executable, "-m", "densefusion_hf", "build", str(recipe), "--workdir",
-                            str(workdir), "--no-progress"], env, _blobs(env))
+    checked = workdir / "release" / "zips"
+    fake_hub.download_rate = 40_000   # bytes a second: each zip takes a second or two
+    _kill_when([sys.executable, "-m", "densefusion_hf", "build", str(recipe), "--workdir", str(workdir),
+                "--no-progress"], env, lambda: len(list(checked.glob("*.json"))) >= 2)  # some zips read, not all
     assert not (workdir / "fetch" / "shard-00000.done").exists()
     fake_hub.download_rate = None
     result = run_cli("build", str(recipe), "--workdir", str(workdir), "--no-progress", env=env)
@@ -220,24 +221,26 @@ def test_rerun_after_sigkill_while_reading_the_zips_gives_the_same_rows(hub_rele
 
 def test_an_interrupted_zip_download_is_resumed_not_restarted(hub_release, fake_hub, tmp_path):
     release, env = hub_release
-    zip_path = f"images/{FOLDER_1M}/000000.zip"
-    code = textwrap.dedent(f"""
-        import hashlib, sys
+    # huggingface_hub writes downloads in 10 MiB pieces and resumes after the last one written, so the zip
+    # must be larger than that for a resume to show.
+    zip_path = f"images/{FOLDER_1M}/000005.zip"
+    big = release.folder / zip_path
+    with zipfile.ZipFile(big, "w", compression=zipfile.ZIP_STORED) as archive:
+        archive.writestr("noise.png", np.random.default_rng(0).bytes(12 * 2**20))
+    run_python(f"from huggingface_hub import HfApi; HfApi().upload_file(path_or_fileobj={str(big)!r}, "
+               f"path_in_repo={zip_path!r}, repo_id={RELEASE_REPO!r}, repo_type='dataset')", env)
+    fake_hub.reset_log()
+    fake_hub.drop_download_after = 11 * 2**20       # the link drops 11 MiB into the zip
+    digest = run_python(textwrap.dedent(f"""
+        import hashlib
         from densefusion_hf.recipe import load_recipe
         from densefusion_hf.release.repo import ReleaseRepo
         local = ReleaseRepo(load_recipe({str(release_recipe(tmp_path))!r}).source.release).file({zip_path!r})
         print(hashlib.sha256(local.read_bytes()).hexdigest())
-    """)
-    fake_hub.download_rate = 20_000
-    _kill_when_downloading([sys.executable, "-c", code], env, _blobs(env))
-    fake_hub.download_rate = None
-    fake_hub.reset_log()
-    digest = run_python(code, env).stdout.strip().splitlines()[-1]
-    assert digest == hashlib.sha256((release.folder / zip_path).read_bytes()).hexdigest()
-    ranges = [d["range"] for d in fake_hub.request_log()["downloads"] if d["path"].endswith(zip_path)]
-    assert len(ranges) == 1 and re.fullmatch(r"bytes=(\d+)-", ranges[0] or ""), ranges
-    assert int(ranges[0][6:-1]) > 20_000    # it went on from where the killed download stopped
-
+    """), env).stdout.strip().splitlines()[-1]
+    assert digest == hashlib.sha256(big.read_bytes()).hexdigest()
+    ranges = [d["range"] for d in fake_hub.request_log()["downloads"] if d["path"] == zip_path]
+    assert ranges == [None, f"bytes={10 * 2**20}-"]   # the second request went on where the first stopped
 
 def test_a_caption_stage_on_a_release_writes_ours_beside_the_release_caption(mini_release, tmp_path):
     from densefusion_hf.runners.local import build
@@ -253,3 +256,14 @@ def test_a_caption_stage_on_a_release_writes_ours_beside_the_release_caption(min
     assert all(r["caption_model"].startswith("DenseFusion-1M release") for r in rows)
     assert all(r["fusion_caption"] and r["fusion_caption_model"] == "template" for r in rows)
     assert all(r["priors"] is not None and r["image_source"] == "release" for r in rows)
+
+
+def test_release_recipes_are_checked_and_local_folders_resolve_against_the_recipe(tmp_path):
+    from densefusion_hf.errors import RecipeError
+
+    recipe = load_recipe(release_recipe(tmp_path, release={"repo": "./mirror"}))
+    assert recipe.source.release.repo == str(tmp_path / "mirror") and recipe.source.release.is_local
+    small = load_recipe(REPO / "builders" / "densefusion-4v-100k-release.yaml").source.release
+    assert (small.config, small.layout.jsonl) == ("DenseFusion-4V-100K", "DenseFusion-4V-100k/DenseFusion-4V-100k.jsonl")
+    with pytest.raises(RecipeError, match="exactly one of them"):
+        load_recipe(release_recipe(tmp_path, metadata=["meta.parquet"]))

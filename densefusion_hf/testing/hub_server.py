@@ -19,8 +19,8 @@ same root serves the same repositories.
 
 Any ``Authorization: Bearer`` token is accepted; requests that write need one (401 otherwise).  Tokens are
 never logged.  Test hooks live under ``/_fake/`` (request log and counters, simulated commit failures); the
-log also lists every file download with the ``Range`` it asked for, and ``FakeHub.download_rate`` slows
-downloads down so that one can be interrupted half-way.
+log also lists every file download with the ``Range`` it asked for; ``FakeHub.download_rate`` slows
+downloads down and ``FakeHub.drop_download_after`` cuts the next one's connection after N bytes.
 
 Run it by hand with ``python -m densefusion_hf.testing.hub_server --root DIR [--port N]``.
 """
@@ -577,9 +577,12 @@ class _Handler(BaseHTTPRequestHandler):
     def _stream_blob(self, reply: Reply) -> None:
         rate = self.server.hub.download_rate
         piece = CHUNK if rate is None else max(1, min(CHUNK, rate // 10))
+        cut = self.server.hub.take_dropped_download()
         with open(reply.blob, "rb") as src:
             src.seek(reply.offset)
-            remaining = reply.length
+            remaining = reply.length if cut is None else min(cut, reply.length)
+            if cut is not None:  # the connection is lost after ``cut`` bytes, as on a flaky link
+                self.close_connection = True
             while remaining > 0:
                 chunk = src.read(min(piece, remaining))
                 self.wfile.write(chunk)
@@ -983,6 +986,7 @@ class FakeHub:
         self._secret = secrets.token_bytes(32)  # signs LFS upload URLs
         self._fail_after: int | None = None
         self.download_rate: int | None = None  # bytes per second of file downloads; None: as fast as possible
+        self.drop_download_after: int | None = None  # the next file download loses its connection after N bytes
         self.api = HubApi(self)
         self.reset_log()
         self._httpd = _Server(("127.0.0.1", port), _Handler)
@@ -1036,6 +1040,12 @@ class FakeHub:
     def record_request(self, method: str, path: str) -> None:
         with self.lock:
             self._log["requests"].append(f"{method} {path}")
+
+    def take_dropped_download(self) -> int | None:
+        """Bytes after which this download's connection is to be lost (once, then reset), or None."""
+        with self.lock:
+            cut, self.drop_download_after = self.drop_download_after, None
+            return cut
 
     def record_range(self, path: str, header: str | None) -> None:
         """A file download and the Range header it asked with (None: the whole file), so a resume shows."""
