@@ -211,7 +211,7 @@ def test_rerun_after_sigkill_while_reading_the_zips_gives_the_same_rows(hub_rele
     checked = workdir / "release" / "zips"
     fake_hub.download_rate = 40_000   # bytes a second: each zip takes a second or two
     _kill_when([sys.executable, "-m", "densefusion_hf", "build", str(recipe), "--workdir", str(workdir),
-                "--no-progress"], env, lambda: len(list(checked.glob("*.json"))) >= 2)  # some zips read, not all
+                "--no-progress"], env, lambda: len(list(checked.rglob("*.json"))) >= 2)  # some zips read, not all
     assert not (workdir / "fetch" / "shard-00000.done").exists()
     fake_hub.download_rate = None
     result = run_cli("build", str(recipe), "--workdir", str(workdir), "--no-progress", env=env)

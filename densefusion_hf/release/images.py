@@ -37,6 +37,9 @@ def zip_member(recipe: Recipe, image_path: str | None) -> tuple[str, str] | None
 class ShardImages:
     def __init__(self, recipe: Recipe, workdir: Path, rows: pa.Table):
         repo = ReleaseRepo(recipe.source.release)
+        # One folder of zip checks per repo and revision: another revision's zips are other files.
+        where = hashlib.sha256(f"{recipe.source.release.repo}@{recipe.source.release.revision}".encode())
+        records = Path(workdir) / "release" / "zips" / where.hexdigest()[:16]
         self.zips = OpenZips()
         self.checks: dict[str, ZipCheck] = {}
         self.found: dict[str, tuple[str, str, dict]] = {}     # key -> (zip, member, image columns)
@@ -51,7 +54,7 @@ class ShardImages:
             path, member = where
             self.zip_of[key] = path
             if path not in self.checks:
-                self.checks[path] = check_zip(repo, path, Path(workdir) / "release" / "zips")
+                self.checks[path] = check_zip(repo, path, records)
             try:
                 data = self.zips.read(self.checks[path], member)
                 info = inspect_image(data)   # the format comes from the bytes, not the .png name
