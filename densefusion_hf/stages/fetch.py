@@ -5,6 +5,10 @@ per-shard stats into ours.  Every downloaded file is then decoded in full with P
 default "keep the original bytes" policy img2dataset does not decode, and an empty file, a truncated
 JPEG or an HTML error page would otherwise pass as a success.  Each failure is a dropped row with
 img2dataset's status (``failed_to_download``, ``failed_to_resize``) or ``undecodable``, and the reason.
+
+A release build (``source.release``) first takes each row's image from the release's zip
+(``densefusion_hf.release.images``); only the rows the release lacks go to img2dataset, and a row lost by
+both is dropped with the release's reason, the download's error in its detail.
 """
 
 from __future__ import annotations
