@@ -136,6 +136,19 @@ def load_dataset(name: str | os.PathLike, config: str | None = None, **kwargs: A
     return datasets.load_dataset(where.path, where.config, **kwargs)
 
 
+NO_IMAGES_HINT = (" These rows have no images: the official release (densefusion-1m, densefusion-4v-100k) is "
+                  "captions and URLs, its images are zip files beside them. Build the Parquet-with-images version "
+                  "with `df-hf build builders/densefusion-1m-release.yaml --push --repo ORG/NAME` and load ORG/NAME "
+                  "(or register it under a short name in $DENSEFUSION_HF_REGISTRY).")
+
+
+def _no_images_hint(features, wanted: list[str]) -> str:
+    """What to do when an image column is asked of rows that have none (a release's JSON Lines)."""
+    if features is not None and "image" in wanted and "image" not in features and "url" in features:
+        return NO_IMAGES_HINT
+    return ""
+
+
 def _node(rank: int | None, world_size: int | None) -> tuple[int, int]:
     """(rank, world size): given, or from torchrun's RANK / WORLD_SIZE, or (0, 1)."""
     if rank is None and world_size is None:
@@ -185,13 +198,20 @@ def stream(name: str | os.PathLike, config: str | None = None, *, split: str = "
         # The Parquet builder's own column selection: unlike select_columns(), nothing else is read.
         kwargs["columns"] = list(columns)
     ds = load_dataset(name, config, split=split, streaming=True, revision=revision, **kwargs)
+    if ds.features is None:
+        # JSON Lines (the official release) stream without declared features; read them from the first rows
+        # so that a missing column is reported here, not inside a DataLoader worker.
+        ds = ds._resolve_features()
     missing = [c for c in columns or () if ds.features is not None and c not in ds.features]
     if missing:
         # Otherwise the Parquet reader fails later, inside a DataLoader worker, with a wall of schema.
         del kwargs["columns"]
         every = load_dataset(name, config, split=split, streaming=True, revision=revision, **kwargs).features
         raise UserError(f"{name} has no column {', '.join(map(repr, missing))}; columns= takes some of: "
-                        f"{', '.join(every or ())}.")
+                        f"{', '.join(every or ())}." + _no_images_hint(every, missing))
+    if decode_images and ds.features is not None and "image" not in ds.features:
+        raise UserError(f"{name} has no image column to decode." + (_no_images_hint(ds.features, ["image"]) or
+                        f" Its columns: {', '.join(ds.features)}."))
     if not decode_images and ds.features is not None:
         ds = ds.decode(False)
     if reshard:
@@ -341,7 +361,7 @@ def dataloader(dataset, batch_size: int, *, image_size: int = 224, num_workers: 
     if missing:  # caught here, not as a KeyError inside a worker process
         raise UserError(f"the dataset has no column {', '.join(map(repr, missing))} (its columns: "
                         f"{', '.join(features)}); pass caption_column= / image_column= (e.g. "
-                        f"caption_column='text' for the alt text).")
+                        f"caption_column='text' for the alt text)." + _no_images_hint(features, missing))
     collate = ImageCaptionCollate(image_size, caption_column, image_column, dtype)
     with warnings.catch_warnings():
         # torchdata 0.11 calls torch.set_vital, which torch 2.14 deprecates with a warning on every loader.

@@ -118,9 +118,10 @@ def write_registry(path: Path, entries) -> Path:
 def test_shipped_registry_names_the_hub_configs(monkeypatch):
     monkeypatch.delenv(REGISTRY_ENV, raising=False)
     entries = registry()
-    for name in ("densefusion-1m", "densefusion-4v-100k", "densefusion-demo"):
-        assert entries[name].path == "densefusion-hf/densefusion"
-        assert entries[name].config == name
+    # The paper's names mean the official release; our own builds are registered beside them.
+    assert entries["densefusion-1m"][:2] == ("BAAI/DenseFusion-1M", "DenseFusion-1M")
+    assert entries["densefusion-4v-100k"][:2] == ("BAAI/DenseFusion-1M", "DenseFusion-4V-100K")
+    assert entries["densefusion-demo"][:2] == ("densefusion-hf/densefusion", "densefusion-demo")
 
 
 def test_short_names_resolve_through_the_env_registry_to_a_local_folder(published, tmp_path, monkeypatch):
@@ -136,7 +137,7 @@ def test_short_names_resolve_through_the_env_registry_to_a_local_folder(publishe
     monkeypatch.setenv(REGISTRY_ENV, str(path))
 
     assert resolve("tiny-build") == Resolved(str(link / "dataset"), "densefusion-tiny", None, str(path))
-    assert resolve("densefusion-1m").path == "densefusion-hf/densefusion"     # shipped entries stay
+    assert resolve("densefusion-1m").path == "BAAI/DenseFusion-1M"     # shipped entries stay
     ds = load_dataset("densefusion-demo", split="train", streaming=True)
     assert keys(ds) == [r["key"] for r in rows["densefusion-demo"]]
     tiny = load_dataset("tiny-build", split="train", cache_dir=str(tmp_path / "cache"))

@@ -80,8 +80,8 @@ def caption_info(recipe: Recipe, prompt_versions: list[str]) -> dict | None:
 
 
 def build_info(recipe: Recipe, *, features: dict, stages: list[dict], selection: dict | None, stats: dict,
-               files: list[dict], num_bytes: int, prompt_versions: list[str]) -> dict:
-    return {
+               files: list[dict], num_bytes: int, prompt_versions: list[str], release: dict | None = None) -> dict:
+    info = {
         "config": recipe.config_name,
         "recipe": {"name": recipe.name, "version": recipe.version, "sha256": recipe.sha256,
                    "pretty_name": recipe.pretty_name or recipe.name, "description": recipe.description.strip(),
@@ -96,6 +96,9 @@ def build_info(recipe: Recipe, *, features: dict, stages: list[dict], selection:
         "files": files,
         "num_bytes": num_bytes,
     }
+    if release is not None:  # absent otherwise, so other builds' build.json stay byte-identical
+        info["release"] = release
+    return info
 
 
 def write_build_info(folder: Path, info: dict) -> Path:

@@ -53,6 +53,20 @@ FIELD_MEANINGS = {
     "caption_model": "the model that wrote the caption ('template': no model, the priors as text)",
     "prompt_version": "version of the prompt (or of the template engine's format) the caption came from",
     "caption_words": "words in the caption",
+    # Columns of a build imported from a release (source.release).
+    "image_id": "the release's row id (text; the release rehashed LAION's ids, so join to LAION by url)",
+    "image_path": "where the release keeps the image: <config>/<zip shard>/<member>",
+    "image_source": "where the image bytes came from: 'release' (its zip) or 'url' (downloaded again because "
+                    "the release lost or damaged it)",
+    "fusion_caption": "our Perceptual Fusion caption, beside the release's own in caption",
+    "fusion_caption_model": "the model that wrote fusion_caption",
+    "fusion_prompt_version": "version of the prompt fusion_caption came from",
+}
+RELEASE_FIELD_MEANINGS = {
+    "caption": "the release's dense caption, as released",
+    "caption_model": "where the caption came from (the release and its caption engine)",
+    "prompt_version": "null: the release does not say which prompt its captions came from",
+    "text": "null: the release has no alt text",
 }
 
 _SIZE_CATEGORIES = [(1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"),
@@ -119,7 +133,9 @@ def _config_view(info: dict) -> dict:
                 changelog=_changelog(info, removed), removed=removed,
                 header_refused=dropped_for(info, "disallowed_by_header"),  # fetch's X-Robots-Tag refusals
                 header_directives=info.get("header_directives"),  # None in builds made before it was saved
-                fields=[{"name": name, "dtype": _dtype_words(feature), "meaning": FIELD_MEANINGS.get(name, "")}
+                fields=[{"name": name, "dtype": _dtype_words(feature),
+                         "meaning": (RELEASE_FIELD_MEANINGS if info.get("release") else {}).get(
+                             name, FIELD_MEANINGS.get(name, ""))}
                         for name, feature in features.items()],
                 charts={name: f"assets/{info['config']}/{name}.png" for name in CHARTS
                         if info["stats"].get(name)})

@@ -35,24 +35,65 @@ class SourceColumns:
     pwatermark: Optional[str] = option("pwatermark", help="probability of a watermark (null: not present)")
 
 
+RELEASE_CAPTION_MODEL = ("DenseFusion-1M release (Perceptual Fusion caption engine: LLaVA-NeXT-7B fine-tuned on "
+                         "DenseFusion-4V-100K's GPT-4V captions, arXiv 2407.08303)")
+
+
+@dataclass
+class ReleaseLayout:
+    """Where a released dataset keeps its rows and images, and which fields hold what."""
+
+    jsonl: str = option(help="path of the JSON Lines file inside the repo (one row a line)")
+    images: str = option("images/{folder}/{shard}.zip",
+                         help="path of a zip shard inside the repo; {folder} and {shard} are the parts of a row's "
+                              "image path <folder>/<shard>/<member>")
+    url: str = option("url", help="field holding the image URL")
+    caption: str = option("caption", help="field holding the caption")
+    image_path: str = option("image_path", help="field holding the image's path (<folder>/<shard>/<member>)")
+    image_id: str = option("image_id", help="field holding the release's row id (read as text)")
+
+
+@dataclass
+class Release:
+    """A released dataset (JSON Lines + zip shards of images) on the Hub or in a local folder of the same
+    layout, imported as the rows of a build."""
+
+    repo: str = option(help="Hub dataset repo ORG/NAME, or a local folder (starting with ./, ../, / or ~)")
+    config: str = option(help="the release's config, e.g. DenseFusion-1M")
+    layout: ReleaseLayout = option(help="where the JSON Lines and zips are, and the fields")
+    revision: Optional[str] = option(None, help="commit, tag or branch of the repo (pin a commit for a build "
+                                                "that can be repeated); null: main")
+    caption_model: str = option(RELEASE_CAPTION_MODEL, help="what the caption column's caption_model says "
+                                                              "about where the release's captions came from")
+
+    @property
+    def is_local(self) -> bool:
+        return self.repo.startswith(("./", "../", "/", "~"))
+
+
 @dataclass
 class Source:
-    """Where the LAION-style metadata comes from."""
+    """Where the rows come from: LAION-style metadata, the offline sample, or a released dataset."""
 
     metadata: list[Path] = option(factory=list, help="Parquet files or glob patterns with the metadata")
     exclude: list[Path] = option(factory=list, help="removal requests: text files (one URL, key or image SHA-256 "
                                                     "a line) or Parquet files (a url, key or sha256 column); "
                                                     "matching rows are dropped as removal_request")
     sample: bool = option(False, help="build the embedded offline sample (served from 127.0.0.1) instead")
+    release: Optional[Release] = option(None, help="import a released dataset (JSON Lines + zips of images) "
+                                                   "instead; images missing or damaged in it are fetched again "
+                                                   "from their URLs")
     columns: SourceColumns = option(factory=SourceColumns, help="column names in the metadata")
     keep_columns: list[str] = option(factory=list, help="other metadata columns carried into the dataset")
     rows_per_shard: int = option(10_000, ge=1, help="rows per work shard; a crash loses at most one shard")
     limit: Optional[int] = option(None, ge=1, help="read only the first N metadata rows (a trial run)")
 
     def __post_init__(self):
-        if bool(self.metadata) == self.sample:
-            raise SchemaProblem("source", "give either 'metadata' (a list of Parquet files or globs) "
-                                          "or 'sample: true', exactly one of them")
+        if [bool(self.metadata), self.sample, self.release is not None].count(True) != 1:
+            raise SchemaProblem("source", "give either 'metadata' (a list of Parquet files or globs), "
+                                          "'sample: true' or 'release' (a released dataset), exactly one of them")
+        if self.release is not None and self.keep_columns:
+            raise SchemaProblem("source.keep_columns", "a release keeps all its fields; remove keep_columns")
 
 
 @dataclass
@@ -577,6 +618,9 @@ def load_recipe(path: str | Path) -> Recipe:
     data, raw = _read_yaml(path)
     base = path.resolve().parent
     recipe = parse(Recipe, data, source=path, base=base)
+    release = recipe.source.release
+    if release is not None and release.is_local:
+        release.repo = str((base / Path(release.repo).expanduser()).resolve())
     for section in model_sections(recipe):
         model = section.model
         if model and (model.startswith((".", "/", "~")) or (base / model).is_dir()):  # a local folder

@@ -51,6 +51,10 @@ CAPTION_FIELDS = [
 ]
 
 
+BESIDE_A_RELEASE_CAPTION = {"caption": "fusion_caption", "caption_model": "fusion_caption_model",
+                            "prompt_version": "fusion_prompt_version"}
+
+
 def caption_words(text: str) -> int:
     return len(text.split())
 
@@ -188,8 +192,11 @@ class Captioner:
             "prompt_version": pa.array([self.engine.prompt_version] * len(kept), pa.string()),
             "caption_words": pa.array([caption_words(t) for t in texts], pa.int32()),
         }
+        # Rows that already have a caption (a release's) keep it; ours goes beside it, in fusion_caption.
+        beside = "caption" in rows.column_names
         for field in CAPTION_FIELDS:
-            rows = rows.append_column(field, added[field.name])
+            name = BESIDE_A_RELEASE_CAPTION.get(field.name, field.name) if beside else field.name
+            rows = rows.append_column(field.with_name(name), added[field.name])
         failures = Counter(f.expert for prior in priors for f in prior.failures)
         return rows, drops, {"seconds_by_step": seconds, "expert_failures": dict(sorted(failures.items()))}
 

@@ -5,6 +5,10 @@ per-shard stats into ours.  Every downloaded file is then decoded in full with P
 default "keep the original bytes" policy img2dataset does not decode, and an empty file, a truncated
 JPEG or an HTML error page would otherwise pass as a success.  Each failure is a dropped row with
 img2dataset's status (``failed_to_download``, ``failed_to_resize``) or ``undecodable``, and the reason.
+
+A release build (``source.release``) first takes each row's image from the release's zip
+(``densefusion_hf.release.images``); only the rows the release lacks go to img2dataset, and a row lost by
+both is dropped with the release's reason, the download's error in its detail.
 """
 
 from __future__ import annotations
@@ -159,33 +163,51 @@ class Fetch(ShardStage):
         scratch = out.scratch(shard)
         downloaded = scratch / "img2dataset"
         results, i2d_stats = None, {}
-        if rows.num_rows:
-            urls = pa.table({"url": rows["url"], "text": rows["text"], "row_key": rows["key"]})
+        # A release build takes each row's image from its zip; only the rows it lacks are downloaded.
+        release = self._release_images(ctx, rows)
+        to_download = rows if release is None else release.to_download(rows)
+        if to_download.num_rows:
+            urls = pa.table({"url": to_download["url"], "text": to_download["text"].fill_null(""),
+                             "row_key": to_download["key"]})
             pq.write_table(urls, scratch / "urls.parquet")
             log_path = out.path / f"shard-{shard}.img2dataset.log"
             options = img2dataset_options(ctx.recipe)
             with output_to_file(log_path):
-                parts = run_img2dataset(str(scratch / "urls.parquet"), str(downloaded), rows.num_rows, options,
-                                        download_guard(ctx.recipe, self.session_allowed))
+                parts = run_img2dataset(str(scratch / "urls.parquet"), str(downloaded), to_download.num_rows,
+                                        options, download_guard(ctx.recipe, self.session_allowed))
             check_complete(downloaded, parts, log_path)
             results, i2d_stats = DownloadedRows(downloaded), download_stats(downloaded)
 
-        schema = self.output_schema(rows.schema)
+        schema = self.output_schema(rows.schema, release is not None)
         drops: list[dict] = []
+        kept_keys: set[str] = set()
         with out.writer(shard, schema) as writer:
             for start in range(0, rows.num_rows, _WRITE_BATCH):
                 batch = rows.slice(start, _WRITE_BATCH)
-                kept = self._check_batch(batch, results, drops, ctx.recipe.fetch)
+                kept = self._check_batch(batch, results, drops, ctx.recipe.fetch, release)
                 kept = self._removed_images(kept, drops, load_removals(ctx.recipe.source.exclude))
+                kept_keys.update(row["key"] for row in kept)
                 writer.write(pa.Table.from_pylist(kept, schema=schema))
             rows_out = writer.rows
         if results is not None:
             results.close()
         shutil.rmtree(scratch, ignore_errors=True)
-        return out.finish(shard, drops, {
-            "rows_in": rows.num_rows, "rows_out": rows_out,
-            "seconds": round(time.monotonic() - started, 3), "img2dataset": i2d_stats,
-        })
+        stats = {"rows_in": rows.num_rows, "rows_out": rows_out,
+                 "seconds": round(time.monotonic() - started, 3), "img2dataset": i2d_stats}
+        if release is not None:
+            release.close()
+            release.explain(drops)
+            stats["release"] = release.counts(kept_keys)
+        return out.finish(shard, drops, stats)
+
+    @staticmethod
+    def _release_images(ctx: BuildContext, rows: pa.Table):
+        """The release's images for these rows (densefusion_hf.release.images), or None for other sources."""
+        if ctx.recipe.source.release is None:
+            return None
+        from densefusion_hf.release.images import ShardImages
+
+        return ShardImages(ctx.recipe, ctx.workdir, rows)
 
     @staticmethod
     def _removed_images(kept: list[dict], drops: list, removals) -> list[dict]:
@@ -199,15 +221,22 @@ class Fetch(ShardStage):
         return [row for row in kept if row["sha256"] not in removals.sha256]
 
     @staticmethod
-    def output_schema(ingest_schema: pa.Schema) -> pa.Schema:
+    def output_schema(ingest_schema: pa.Schema, release: bool = False) -> pa.Schema:
         fields = [f for f in ingest_schema if f.name not in IMAGE_COLUMNS.names]
-        return pa.schema(fields + list(IMAGE_COLUMNS))
+        # A release build says where each image came from: "release" (its zip) or "url" (downloaded again).
+        return pa.schema(fields + list(IMAGE_COLUMNS) + ([pa.field("image_source", pa.string())] if release else []))
 
     @staticmethod
-    def _check_batch(batch: pa.Table, results: DownloadedRows | None, drops: list, limits=None) -> list[dict]:
+    def _check_batch(batch: pa.Table, results: DownloadedRows | None, drops: list, limits=None,
+                     release=None) -> list[dict]:
         kept = []
         by_key = results.results(batch.column("key").to_pylist()) if results is not None else {}
         for row in batch.to_pylist():
+            taken = release.image_row(row["key"]) if release is not None else None
+            if taken is not None:
+                row.update(taken)
+                kept.append(row)
+                continue
             result = by_key.get(row["key"])
             base = {"key": row["key"], "url": row["url"]}
             if result is None:
@@ -239,5 +268,7 @@ class Fetch(ShardStage):
                 original_height=result["original_height"] or info.height,
                 image_format=info.format, sha256=hashlib.sha256(data).hexdigest(), image=data,
             )
+            if release is not None:
+                row["image_source"] = "url"
             kept.append(row)
         return kept

@@ -1,5 +1,8 @@
 """ingest: read the LAION-style metadata, give every row its key, apply the metadata filters.
 
+A release source (``source.release``) is read the same way, from the Parquet file ``release.rows`` makes of
+its JSON Lines (url, caption, image_id, image_path and any other field it has).
+
 Nothing is downloaded here: rows are cut into shards of ``source.rows_per_shard`` in source order,
 with the recipe's column names mapped to ours (key, url, text, width, height, similarity, punsafe,
 pwatermark, and ``keep_columns``).  A row whose URL is empty, with a value that cannot be read
@@ -60,6 +63,10 @@ def source_files(recipe: Recipe, workdir: Path) -> list[Path]:
     """The metadata files, in the recipe's order (each glob sorted); the sample is written on demand."""
     if recipe.source.sample:
         return [write_sample(workdir / "sample")]
+    if recipe.source.release is not None:
+        from densefusion_hf.release.rows import release_metadata
+
+        return [release_metadata(recipe, workdir)]
     files: list[Path] = []
     for pattern in recipe.source.metadata:
         matches = sorted(Path(p) for p in glob.glob(str(pattern), recursive=True))
@@ -80,6 +87,8 @@ def open_metadata(path: Path) -> pq.ParquetFile:
 
 def _check_columns(recipe: Recipe, path: Path, schema: pa.Schema) -> dict[str, str]:
     """Map our names to the file's columns, or say which recipe field names a missing column."""
+    if recipe.source.release is not None:
+        return {name: name for name in schema.names}  # written by release.rows in our names already
     names = set(schema.names)
     mapping = {}
     for ours in CANONICAL_COLUMNS:
@@ -230,12 +239,14 @@ class Ingest(Stage):
         source = asdict(recipe.source)
         if recipe.source.sample:
             source["sample_version"] = SAMPLE_VERSION
+        if source["release"] is None:
+            source.pop("release")  # absent, as in work directories made before release sources existed
         source["metadata"] = [str(p) for p in recipe.source.metadata]
         source["exclude"] = exclusion_params(recipe.source.exclude)  # removal requests: their files' digests
         if source["exclude"] is None:
             source.pop("exclude")  # absent, as in work directories made before removal requests existed
         params = {"source": source, "filters": asdict(recipe.filters)}
-        if not recipe.source.sample:
+        if not recipe.source.sample and recipe.source.release is None:
             # What the globs match now: a file added, removed or replaced moves every shard boundary.
             try:
                 params["files"] = [[str(f), f.stat().st_size, open_metadata(f).metadata.num_rows]

@@ -145,6 +145,15 @@ class Publish(Stage):
         return ctx.stage_dir(self.name).is_done(_DONE)
 
     @staticmethod
+    def _release(ctx: BuildContext) -> dict | None:
+        """A release build's per-zip-shard table for the card (what fetch read, repaired and lost)."""
+        if ctx.recipe.source.release is None:
+            return None
+        from densefusion_hf.release.report import release_summary
+
+        return release_summary(ctx.recipe, ctx.stage_dir("fetch").all_stats())
+
+    @staticmethod
     def _measure(ctx: BuildContext, source, shards: list[str], total: int):
         """Pass 1: every row's size in a file, the card's statistics, the prompt versions met."""
         sizes, stats, prompt_versions = [], PublishedStats(bool(ctx.recipe.select.categories)), set()
@@ -209,7 +218,7 @@ class Publish(Stage):
         info = build_info(recipe, features=features.to_dict(), stages=stages,
                           selection=json.loads(selection.read_text()) if selection.exists() else None,
                           stats=stats, files=describe_files(staging, paths, digests), num_bytes=num_bytes,
-                          prompt_versions=prompt_versions)
+                          prompt_versions=prompt_versions, release=self._release(ctx))
         write_build_info(staging, info)
         write_charts(assets_dir(staging, config), stats)
         render_card(staging, [info], load_path=str(final))

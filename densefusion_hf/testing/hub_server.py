@@ -20,7 +20,9 @@ same root serves the same repositories.
 Any ``Authorization: Bearer`` token is accepted; requests that write need one (401 otherwise).  Given
 ``tokens`` (token -> the namespaces it may write; ``--token TOKEN=NS,NS``), the server answers like the Hub
 to any other token (401 "Invalid credentials") and to a write outside those namespaces (403).  Tokens are
-never logged.  Test hooks live under ``/_fake/`` (request log and counters, simulated commit failures).
+never logged.  Test hooks live under ``/_fake/`` (request log and counters, simulated commit failures); the
+log also lists every file download with the ``Range`` it asked for; ``FakeHub.download_rate`` slows
+downloads down and ``FakeHub.drop_download_after`` cuts the next one's connection after N bytes.
 
 Run it by hand with ``python -m densefusion_hf.testing.hub_server --root DIR [--port N]``.
 """
@@ -39,6 +41,7 @@ import secrets
 import sys
 import tempfile
 import threading
+import time
 import traceback
 import uuid
 from dataclasses import dataclass, field
@@ -589,13 +592,21 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(body)
 
     def _stream_blob(self, reply: Reply) -> None:
+        rate = self.server.hub.download_rate
+        piece = CHUNK if rate is None else max(1, min(CHUNK, rate // 10))
+        cut = self.server.hub.take_dropped_download()
         with open(reply.blob, "rb") as src:
             src.seek(reply.offset)
-            remaining = reply.length
+            remaining = reply.length if cut is None else min(cut, reply.length)
+            if cut is not None:  # the connection is lost after ``cut`` bytes, as on a flaky link
+                self.close_connection = True
             while remaining > 0:
-                chunk = src.read(min(CHUNK, remaining))
+                chunk = src.read(min(piece, remaining))
                 self.wfile.write(chunk)
                 remaining -= len(chunk)
+                if rate is not None:  # a slow link, so a test can interrupt a download half-way
+                    self.wfile.flush()
+                    time.sleep(len(chunk) / rate)
 
 
 def error_reply(error: HubError) -> Reply:
@@ -949,6 +960,8 @@ class HubApi:
             reply = error_reply(error)
             reply.headers["Content-Range"] = f"bytes */{entry['size']}"
             return reply
+        if request.method == "GET":
+            self.hub.record_range(path, request.headers.get("Range"))
         reply = Reply(200, headers=headers, blob=self.blobs.path(entry["sha256"]), length=entry["size"])
         if byte_range is not None:
             reply.status, (reply.offset, reply.length) = 206, byte_range
@@ -1005,6 +1018,8 @@ class FakeHub:
         self.lock = threading.RLock()  # serialises repository changes and the counters
         self._secret = secrets.token_bytes(32)  # signs LFS upload URLs
         self._fail_after: int | None = None
+        self.download_rate: int | None = None  # bytes per second of file downloads; None: as fast as possible
+        self.drop_download_after: int | None = None  # the next file download loses its connection after N bytes
         self.api = HubApi(self)
         self.reset_log()
         self._httpd = _Server(("127.0.0.1", port), _Handler)
@@ -1048,7 +1063,7 @@ class FakeHub:
     def reset_log(self) -> None:
         with self.lock:
             self._log = {"lfs_uploads": 0, "lfs_bytes": 0, "lfs_uploads_by_oid": {}, "commits": 0, "requests": [],
-                         "unhandled": []}
+                         "unhandled": [], "downloads": []}
 
     def request_log(self) -> dict:
         """Counters and requests ("METHOD /path", no query) since start or the last reset."""
@@ -1058,6 +1073,17 @@ class FakeHub:
     def record_request(self, method: str, path: str) -> None:
         with self.lock:
             self._log["requests"].append(f"{method} {path}")
+
+    def take_dropped_download(self) -> int | None:
+        """Bytes after which this download's connection is to be lost (once, then reset), or None."""
+        with self.lock:
+            cut, self.drop_download_after = self.drop_download_after, None
+            return cut
+
+    def record_range(self, path: str, header: str | None) -> None:
+        """A file download and the Range header it asked with (None: the whole file), so a resume shows."""
+        with self.lock:
+            self._log["downloads"].append({"path": path, "range": header})
 
     def record_unhandled(self, method: str, path: str) -> None:
         logger.warning("fake hub: no handler for %s %s", method, path)

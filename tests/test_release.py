@@ -1,0 +1,269 @@
+"""The official DenseFusion-1M release as a recipe source, against a miniature of it on the local fake Hub:
+every row the release or its URL can give is published with the right bytes, every other row is dropped
+with both reasons, the card's per-zip table matches, and the short names load the release itself."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from densefusion_hf.keys import url_key
+from densefusion_hf.netguard.addresses import ALLOW_ENV
+from densefusion_hf.recipe import load_recipe
+from densefusion_hf.release.images import ShardImages
+from densefusion_hf.release.rows import convert
+from tests.conftest import REPO, run_cli
+from tests.hub_fixtures import run_python
+from tests.release_fixtures import FOLDER_1M, RELEASE_REPO, expected_sha256, write_mini_release
+
+RELEASE_RECIPE = REPO / "builders" / "densefusion-1m-release.yaml"
+PUSHED = "tester/densefusion-1m-images"
+
+
+@pytest.fixture
+def mini_release(tmp_path, image_server):
+    """The miniature release on disk, its lost rows' URLs served (or dead) on the loopback image server."""
+    release = write_mini_release(tmp_path / "release", image_server)
+    served = tmp_path / "served"
+    for path, body in release.served.items():
+        (served / path).parent.mkdir(parents=True, exist_ok=True)
+        (served / path).write_bytes(body)
+    return release
+
+
+@pytest.fixture
+def hub_release(mini_release, fake_hub, hub_env):
+    """The miniature uploaded to the fake Hub as BAAI/DenseFusion-1M; yields (release, client environment)."""
+    run_python(textwrap.dedent(f"""
+        from huggingface_hub import HfApi
+        api = HfApi()
+        api.create_repo({RELEASE_REPO!r}, repo_type="dataset")
+        api.upload_folder(repo_id={RELEASE_REPO!r}, repo_type="dataset", folder_path={str(mini_release.folder)!r})
+    """), hub_env)
+    return mini_release, dict(hub_env, **{ALLOW_ENV: os.environ[ALLOW_ENV]})
+
+
+def release_recipe(tmp_path: Path, **source) -> Path:
+    """The shipped release recipe, with a small shard size and short timeouts for the test."""
+    body = {"extends": str(RELEASE_RECIPE),
+            "source": {"rows_per_shard": 11, **source},
+            "fetch": {"timeout": 3, "retries": 0, "processes": 1, "threads": 2},
+            "publish": {"repo": PUSHED}}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(body))
+    return path
+
+
+def published(workdir: Path) -> list[dict]:
+    files = sorted((workdir / "dataset" / "densefusion-1m").glob("*.parquet"))
+    return [row for f in files for row in pq.read_table(f).to_pylist()]
+
+
+def dropped(workdir: Path, stage: str) -> dict[str, dict]:
+    rows = [r for f in sorted((workdir / stage).glob("shard-*.dropped.parquet")) for r in pq.read_table(f).to_pylist()]
+    return {r["key"]: r for r in rows}
+
+
+def assert_exactly_what_can_be_had(release, workdir: Path) -> None:
+    rows = published(workdir)
+    kept = [r for r in release.rows if r["expect"] != "lost"]
+    assert [r["key"] for r in rows] == [url_key(r["url"]) for r in kept]      # in the release's order
+    for got, want in zip(rows, kept):
+        assert hashlib.sha256(got["image"]["bytes"]).hexdigest() == expected_sha256(want)
+        assert got["sha256"] == expected_sha256(want)
+        assert got["image_source"] == ("release" if want["expect"] == "release" else "url")
+        assert got["image_id"] == str(want["image_id"]) and got["caption"] == want["caption"]
+        assert got["image_path"] == want["image_path"] and got["source_dataset"] == "laion2b"
+        assert got["caption_model"].startswith("DenseFusion-1M release") and got["prompt_version"] is None
+    assert {r["image_format"] for r in rows} == {"PNG", "JPEG"}              # decoded from the bytes
+    drops = dropped(workdir, "fetch")
+    lost = [r for r in release.rows if r["expect"] == "lost"]
+    assert set(drops) == {url_key(r["url"]) for r in lost}
+    for row in lost:
+        drop = drops[url_key(row["url"])]
+        assert drop["reason"] == row["reason"]
+        assert "from the URL: failed_to_download: HTTP Error 404" in drop["detail"], drop["detail"]
+
+
+def card_table(card: str) -> dict[str, list[str]]:
+    rows = re.findall(r"^\| `(images/[^`]+\.zip)` \| (.*) \|$", card, flags=re.M)
+    return {path: [cell.strip() for cell in cells.split("|")] for path, cells in rows}
+
+
+def test_release_rows_are_read_tolerantly(tmp_path):
+    jsonl = tmp_path / "rows.jsonl"
+    jsonl.write_text("\n".join([
+        json.dumps({"image_id": 1234567890123, "url": "http://a.test/1.jpg", "image_path": "C/000000/1.png",
+                    "caption": "one", "width": 640}),
+        "not json at all",
+        json.dumps({"image_id": "0000000000042", "url": "http://a.test/2.jpg", "image_path": "C/000000/2.png",
+                    "caption": "two", "source": {"name": "laion"}}),
+        json.dumps(["a", "list"]),
+    ]) + "\n")
+    recipe = load_recipe(release_recipe(tmp_path, release={"repo": "./release"}))
+    table = pq.read_table(convert(jsonl, tmp_path / "rows.parquet", recipe))
+    rows = table.to_pylist()
+    assert [r["image_id"] for r in rows] == ["1234567890123", None, "0000000000042", None]  # text, digits kept
+    assert [r["url"] for r in rows] == ["http://a.test/1.jpg", None, "http://a.test/2.jpg", None]
+    assert rows[0]["release_width"] == "640"              # a field the build writes itself keeps its value
+    assert json.loads(rows[2]["source"]) == {"name": "laion"}
+    assert rows[0]["caption_model"] == recipe.source.release.caption_model and rows[0]["text"] is None
+
+
+def test_zip_members_are_read_with_their_crc_checked_and_decoded(mini_release, tmp_path):
+    recipe = load_recipe(release_recipe(tmp_path, release={"repo": str(mini_release.folder)}))
+    rows = pa.table({"key": [url_key(r["url"]) for r in mini_release.rows],
+                     "image_path": [r["image_path"] for r in mini_release.rows]})
+    images = ShardImages(recipe, tmp_path / "work", rows)
+    for row in mini_release.rows:
+        key = url_key(row["url"])
+        if row["expect"] == "release":
+            assert images.image_row(key)["image"] == row["member"]
+        else:
+            assert images.image_row(key) is None and images.failures[key][0] == row["reason"]
+    reasons = {r["image_id"]: images.failures.get(url_key(r["url"]), ("", ""))[1] for r in mini_release.rows}
+    assert "Bad CRC-32" in reasons[mini_release.rows[3]["image_id"]]
+    assert "does not open as a zip" in reasons[mini_release.rows[5]["image_id"]]
+    assert "not an image" in reasons[mini_release.rows[2]["image_id"]]
+    assert "is not in the release" in reasons[mini_release.rows[7]["image_id"]]
+    assert "has no member" in reasons[mini_release.rows[10]["image_id"]]
+    assert list(images.to_download(rows).column("key")) == [
+        pa.scalar(url_key(r["url"])) for r in mini_release.rows if r["expect"] != "release"]
+    images.close()
+
+
+def test_release_build_publishes_what_can_be_had_with_its_card_and_loads(hub_release, tmp_path):
+    release, env = hub_release
+    workdir = tmp_path / "work"
+    result = run_cli("build", str(release_recipe(tmp_path)), "--workdir", str(workdir), "--no-progress", "--push",
+                     env=env)
+    assert result.returncode == 0, result.stderr + result.stdout
+    assert_exactly_what_can_be_had(release, workdir)
+    assert dropped(workdir, "ingest") == {}
+
+    card = (workdir / "dataset" / "README.md").read_text()
+    table = card_table(card)
+    assert sorted(table) == sorted(release.shards)
+    for path, want in release.shards.items():
+        present = "no" if path.endswith("000003.zip") else "yes"
+        assert table[path] == [present, "yes" if present == "yes" else "n/a", *(str(want[n]) for n in (
+            "rows", "read", "missing", "corrupt", "repaired", "lost"))], path
+    assert "license: cc-by-4.0" in card and "arXiv:2407.08303" in card and "LAION's terms" in card
+    checked = run_cli("card", "check", str(workdir / "dataset"))
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+    code = textwrap.dedent(f"""
+        import json, datasets, densefusion_hf
+        from densefusion_hf.errors import UserError
+        pushed = datasets.load_dataset({PUSHED!r}, "densefusion-1m", split="train")
+        short = densefusion_hf.load_dataset("densefusion-1m", split="train")
+        small = densefusion_hf.load_dataset("densefusion-4v-100k", split="train")
+        try:
+            densefusion_hf.dataloader(densefusion_hf.stream("densefusion-1m", shuffle_buffer=0), batch_size=2)
+            hint = None
+        except UserError as exc:
+            hint = str(exc)
+        print(json.dumps([[r["key"] for r in pushed], [r["image"].size for r in pushed],
+                          [[r["url"], r["caption"]] for r in short], [r["caption"] for r in small], hint]))
+    """)
+    keys, sizes, short, small, hint = json.loads(run_python(code, env).stdout.strip().splitlines()[-1])
+    assert "These rows have no images" in hint and "densefusion-1m-release.yaml" in hint
+    assert keys == [r["key"] for r in published(workdir)] and all(w > 0 and h > 0 for w, h in sizes)
+    assert short == [[r["url"], r["caption"]] for r in release.rows]        # the release as the Hub serves it
+    assert small == ["A GPT-4V caption of picture 0."]
+
+
+def _blobs(env: dict) -> Path:
+    return Path(env["HF_HOME"]) / "hub" / f"datasets--{RELEASE_REPO.replace('/', '--')}" / "blobs"
+
+
+def _kill_when(command: list[str], env: dict, ready, timeout: float = 120) -> None:
+    """Run ``command``; SIGKILL it (and its children) as soon as ``ready()`` is true."""
+    child = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True)
+    deadline = time.monotonic() + timeout
+    while not ready() and time.monotonic() < deadline and child.poll() is None:
+        time.sleep(0.02)
+    reached = ready()
+    os.killpg(child.pid, signal.SIGKILL)
+    child.wait()
+    assert reached, "the command ended before the moment it was to be killed at"
+
+
+def test_rerun_after_sigkill_while_reading_the_zips_gives_the_same_rows(hub_release, fake_hub, tmp_path):
+    release, env = hub_release
+    workdir, recipe = tmp_path / "work", release_recipe(tmp_path)
+    checked = workdir / "release" / "zips"
+    fake_hub.download_rate = 40_000   # bytes a second: each zip takes a second or two
+    _kill_when([sys.executable, "-m", "densefusion_hf", "build", str(recipe), "--workdir", str(workdir),
+                "--no-progress"], env, lambda: len(list(checked.rglob("*.json"))) >= 2)  # some zips read, not all
+    assert not (workdir / "fetch" / "shard-00000.done").exists()
+    fake_hub.download_rate = None
+    result = run_cli("build", str(recipe), "--workdir", str(workdir), "--no-progress", env=env)
+    assert result.returncode == 0, result.stderr + result.stdout
+    assert_exactly_what_can_be_had(release, workdir)   # what the uninterrupted build gives, row for row
+
+
+def test_an_interrupted_zip_download_is_resumed_not_restarted(hub_release, fake_hub, tmp_path):
+    release, env = hub_release
+    # huggingface_hub writes downloads in 10 MiB pieces and resumes after the last one written, so the zip
+    # must be larger than that for a resume to show.
+    zip_path = f"images/{FOLDER_1M}/000005.zip"
+    big = release.folder / zip_path
+    with zipfile.ZipFile(big, "w", compression=zipfile.ZIP_STORED) as archive:
+        archive.writestr("noise.png", np.random.default_rng(0).bytes(12 * 2**20))
+    run_python(f"from huggingface_hub import HfApi; HfApi().upload_file(path_or_fileobj={str(big)!r}, "
+               f"path_in_repo={zip_path!r}, repo_id={RELEASE_REPO!r}, repo_type='dataset')", env)
+    fake_hub.reset_log()
+    fake_hub.drop_download_after = 11 * 2**20       # the link drops 11 MiB into the zip
+    digest = run_python(textwrap.dedent(f"""
+        import hashlib
+        from densefusion_hf.recipe import load_recipe
+        from densefusion_hf.release.repo import ReleaseRepo
+        local = ReleaseRepo(load_recipe({str(release_recipe(tmp_path))!r}).source.release).file({zip_path!r})
+        print(hashlib.sha256(local.read_bytes()).hexdigest())
+    """), env).stdout.strip().splitlines()[-1]
+    assert digest == hashlib.sha256(big.read_bytes()).hexdigest()
+    ranges = [d["range"] for d in fake_hub.request_log()["downloads"] if d["path"] == zip_path]
+    assert ranges == [None, f"bytes={10 * 2**20}-"]   # the second request went on where the first stopped
+
+def test_a_caption_stage_on_a_release_writes_ours_beside_the_release_caption(mini_release, tmp_path):
+    from densefusion_hf.runners.local import build
+
+    path = release_recipe(tmp_path, release={"repo": str(mini_release.folder)}, limit=2)  # both in 000000.zip
+    body = yaml.safe_load(path.read_text())
+    body.update(stages=["ingest", "fetch", "caption", "publish"],
+                caption={"engine": "template", "experts": {"ocr": {"engine": None}}})
+    path.write_text(yaml.safe_dump(body))
+    build(load_recipe(path), tmp_path / "work", show_progress=False)
+    rows = published(tmp_path / "work")
+    assert [r["caption"] for r in rows] == [r["caption"] for r in mini_release.rows[:2]]
+    assert all(r["caption_model"].startswith("DenseFusion-1M release") for r in rows)
+    assert all(r["fusion_caption"] and r["fusion_caption_model"] == "template" for r in rows)
+    assert all(r["priors"] is not None and r["image_source"] == "release" for r in rows)
+
+
+def test_release_recipes_are_checked_and_local_folders_resolve_against_the_recipe(tmp_path):
+    from densefusion_hf.errors import RecipeError
+
+    recipe = load_recipe(release_recipe(tmp_path, release={"repo": "./mirror"}))
+    assert recipe.source.release.repo == str(tmp_path / "mirror") and recipe.source.release.is_local
+    small = load_recipe(REPO / "builders" / "densefusion-4v-100k-release.yaml").source.release
+    assert (small.config, small.layout.jsonl) == ("DenseFusion-4V-100K", "DenseFusion-4V-100k/DenseFusion-4V-100k.jsonl")
+    with pytest.raises(RecipeError, match="exactly one of them"):
+        load_recipe(release_recipe(tmp_path, metadata=["meta.parquet"]))
