@@ -32,6 +32,7 @@ import argparse
 import json
 import os
 import random
+import select
 import shutil
 import signal
 import subprocess
@@ -82,26 +83,117 @@ class Kill:
         return self.rerun_returncode == 0 and self.comparison is not None and self.comparison.identical
 
 
-def build_command(recipe: Path, workdir: Path, runner: str = "local", only: list[str] | None = None) -> list[str]:
-    command = [sys.executable, "-m", "densefusion_hf", "build", str(recipe), "--workdir", str(workdir),
-               "--no-progress"]
+def build_args(recipe: Path, workdir: Path, runner: str = "local", only: list[str] | None = None) -> list[str]:
+    """``df-hf`` arguments of the build."""
+    args = ["build", str(recipe), "--workdir", str(workdir), "--no-progress"]
     if only:
-        command += ["--only", ",".join(only)]
+        args += ["--only", ",".join(only)]
     if runner != "local":
-        command += ["--runner", runner]
-    return command
+        args += ["--runner", runner]
+    return args
 
 
-def start(command: list[str], log: Path) -> subprocess.Popen:
-    """A build in its own process group (so one signal reaches its workers), its output in ``log``."""
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "ab") as out:
-        return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+class Launcher:
+    """Starts ``df-hf`` commands as ``python -m densefusion_hf`` processes, each in its own process group (so
+    one signal reaches its download and worker processes), output appended to a log."""
+
+    def start(self, args: list[str], log: Path):
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "ab") as out:
+            return subprocess.Popen([sys.executable, "-m", "densefusion_hf", *args], stdout=out,
+                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+                                    env=dict(os.environ, PYTHONUNBUFFERED="1"))
+
+    def close(self) -> None:
+        pass
 
 
-def run_to_completion(command: list[str], log: Path, timeout: float) -> int:
-    child = start(command, log)
+# The fork server: imports what every build imports (torch, datasets, the stages: 5-25 s a process on two
+# busy cores), then forks one build per request. The child is a new session running the CLI's ``main``, as
+# ``python -m densefusion_hf`` does; nothing has run in the parent but imports, so no thread or model is
+# inherited. It answers {"pid"} when a build starts and {"exit"} when it ends.
+_FORK_SERVER = r"""
+import importlib, json, os, sys, traceback
+for name in ("torch", "datasets", "transformers", "densefusion_hf.cli", "densefusion_hf.runners.local",
+             "densefusion_hf.stages.publish", "densefusion_hf.stages.caption", "densefusion_hf.stages.fetch"):
+    importlib.import_module(name)
+for line in sys.stdin:
+    request = json.loads(line)
+    pid = os.fork()
+    if pid == 0:
+        os.setsid()
+        out = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        os.dup2(out, 1)
+        os.dup2(out, 2)
+        os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+        sys.stdin = open(os.devnull)
+        code = 0
+        try:
+            from densefusion_hf.cli import main
+            main(request["args"])
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    print(json.dumps({"pid": pid}), flush=True)
+    _, status = os.waitpid(pid, 0)
+    print(json.dumps({"exit": os.waitstatus_to_exitcode(status)}), flush=True)
+"""
+
+
+class ForkedBuild:
+    """A build forked by the fork server, with the parts of ``Popen`` the harness uses."""
+
+    def __init__(self, server: subprocess.Popen, pid: int):
+        self.server, self.pid, self.returncode = server, pid, None
+
+    def poll(self) -> int | None:
+        if self.returncode is None and select.select([self.server.stdout], [], [], 0)[0]:
+            self._read()
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        if self.returncode is None:
+            if not select.select([self.server.stdout], [], [], timeout)[0]:
+                raise subprocess.TimeoutExpired("df-hf build", timeout)
+            self._read()
+        return self.returncode
+
+    def _read(self) -> None:
+        line = self.server.stdout.readline()
+        if not line:
+            raise RuntimeError("the fork server stopped")
+        self.returncode = json.loads(line)["exit"]
+
+
+class ForkServer(Launcher):
+    """Builds forked from one process that has done the imports: the same CLI, without their cost."""
+
+    def __init__(self):
+        self.server = subprocess.Popen([sys.executable, "-c", _FORK_SERVER], stdin=subprocess.PIPE,
+                                       stdout=subprocess.PIPE, text=True, bufsize=1,
+                                       env=dict(os.environ, PYTHONUNBUFFERED="1"))
+
+    def start(self, args: list[str], log: Path) -> ForkedBuild:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        self.server.stdin.write(json.dumps({"args": args, "log": str(log)}) + "\n")
+        self.server.stdin.flush()
+        line = self.server.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the fork server stopped (exit status {self.server.wait()})")
+        return ForkedBuild(self.server, json.loads(line)["pid"])
+
+    def close(self) -> None:
+        self.server.stdin.close()
+        self.server.wait()
+
+
+def run_to_completion(launcher: Launcher, args: list[str], log: Path, timeout: float) -> int:
+    child = launcher.start(args, log)
     try:
         return child.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -109,7 +201,7 @@ def run_to_completion(command: list[str], log: Path, timeout: float) -> int:
         return -signal.SIGKILL
 
 
-def kill_group(child: subprocess.Popen) -> None:
+def kill_group(child) -> None:
     try:
         os.killpg(child.pid, signal.SIGKILL)
     except ProcessLookupError:
@@ -190,14 +282,15 @@ def compare(reference: Path, workdir: Path) -> Comparison:
 
 # -- the plan --------------------------------------------------------------------------------------------------
 
-def measure_stages(recipe: Path, root: Path, stages: list[str], timeout: float) -> dict[str, float]:
+def measure_stages(launcher: Launcher, recipe: Path, root: Path, stages: list[str],
+                   timeout: float) -> dict[str, float]:
     """Build the recipe a stage at a time in ROOT/staged, saving ROOT/prefix/STAGE (the work directory just
     before STAGE) and returning each stage's duration in seconds."""
     workdir, durations = root / "staged", {}
     workdir.mkdir(parents=True, exist_ok=True)
     for i, stage in enumerate(stages):
         shutil.copytree(workdir, root / "prefix" / stage, symlinks=True)
-        child = start(build_command(recipe, workdir, only=stages[: i + 1]), root / "logs" / "staged.log")
+        child = launcher.start(build_args(recipe, workdir, only=stages[: i + 1]), root / "logs" / "staged.log")
         if not wait_until(stage_started(workdir, stage), child, timeout):
             kill_group(child)
             raise RuntimeError(f"stage {stage} never started; see {root / 'logs' / 'staged.log'}")
@@ -245,16 +338,16 @@ def _workers(child: subprocess.Popen) -> list:
     return busy
 
 
-def crash(kill: Kill, recipe: Path, root: Path, number: int, durations: dict[str, float], stages: list[str],
-          runner: str, timeout: float) -> None:
+def crash(launcher: Launcher, kill: Kill, recipe: Path, root: Path, number: int, durations: dict[str, float],
+          stages: list[str], runner: str, timeout: float) -> None:
     """Run one kill from its stage's prefix state, then the rerun to completion; fills in ``kill``."""
     workdir = root / "kills" / f"{runner}-{number:03d}-{kill.target}-{kill.kind}"
     shutil.rmtree(workdir, ignore_errors=True)
     shutil.copytree(root / "prefix" / kill.target, workdir, symlinks=True)
     log = root / "logs" / f"{workdir.name}.log"
     kill.workdir, kill.log = str(workdir), str(log)
-    command = build_command(recipe, workdir, runner)
-    child = start(command, log)
+    args = build_args(recipe, workdir, runner)
+    child = launcher.start(args, log)
     if not wait_until(stage_started(workdir, kill.target), child, timeout):
         kill_group(child)
         raise RuntimeError(f"stage {kill.target} never started in {workdir}; see {log}")
@@ -281,52 +374,67 @@ def crash(kill: Kill, recipe: Path, root: Path, number: int, durations: dict[str
         kill_group(child)
         kill.landed = running_stage(workdir, stages)
         started = time.monotonic()
-        kill.rerun_returncode = run_to_completion(command, log, timeout)
+        kill.rerun_returncode = run_to_completion(launcher, args, log, timeout)
         kill.rerun_seconds = time.monotonic() - started
     kill.comparison = compare(root / "reference", workdir) if kill.rerun_returncode == 0 else None
 
 
 def run_crash_points(recipe: Path, root: Path, kills: int = 20, seed: int = 0, runner: str = "local",
-                     worker_kills: int = 0, timeout: float = 900, retries: int = 3, report=None) -> list[Kill]:
-    """The whole harness (see the module's text); returns every kill made, retries included."""
+                     worker_kills: int = 0, timeout: float = 900, retries: int = 3, fork_server: bool = True,
+                     report=None) -> list[Kill]:
+    """The whole harness (see the module's text); returns every kill made, retries included.
+
+    ``fork_server`` forks the local runner's builds from one process that has done the imports (see
+    ``ForkServer``); the Ray runner's builds always start as processes of their own."""
     from densefusion_hf.recipe import load_recipe
 
     recipe, root = Path(recipe).resolve(), Path(root).resolve()
     stages = list(load_recipe(recipe).stages)
     report = report or (lambda line: None)
+    launcher = ForkServer() if fork_server else Launcher()
+    try:
+        durations = _prepare(launcher, recipe, root, stages, timeout, report)
+        plan = plan_kills(stages, kills, seed, durations)
+        rng = random.Random(seed + 1)
+        plan += [Kill(target=rng.choice([s for s in stages if s not in ("ingest", "publish")]),
+                      fraction=round(rng.random(), 4), kind="worker") for _ in range(worker_kills)]
+        builds = launcher if runner == "local" else Launcher()
+        done: list[Kill] = []
+        for kill in plan:
+            for attempt in range(retries + 1):
+                crash(builds, kill, recipe, root, len(done), durations, stages, runner, timeout)
+                done.append(kill)
+                report(describe(kill))
+                if kill.kind == "worker" or kill.landed == kill.target or attempt == retries:
+                    break
+                # It came after its stage had finished (a busy machine runs slower than it measured): earlier.
+                kill = Kill(target=kill.target, fraction=round(kill.fraction / 3, 4), kind=kill.kind)
+        return done
+    finally:
+        launcher.close()
+
+
+def _prepare(launcher: Launcher, recipe: Path, root: Path, stages: list[str], timeout: float, report) -> dict:
+    """The reference build and the prefix states, made once per ROOT; returns the stage durations."""
     reference = root / "reference"
     if not (reference / "dataset").is_dir():
         shutil.rmtree(reference, ignore_errors=True)
         started = time.monotonic()
-        if run_to_completion(build_command(recipe, reference), root / "logs" / "reference.log", timeout) != 0:
-            raise RuntimeError(f"the uninterrupted build failed; see {root / 'logs' / 'reference.log'}")
+        log = root / "logs" / "reference.log"
+        if run_to_completion(launcher, build_args(recipe, reference), log, timeout) != 0:
+            raise RuntimeError(f"the uninterrupted build failed; see {log}")
         report(f"reference build: {time.monotonic() - started:.1f} s, {len(published_rows(reference))} rows")
-    if not (root / "prefix" / stages[-1]).is_dir():
+    if not (root / "durations.json").is_file():
         shutil.rmtree(root / "prefix", ignore_errors=True)
         shutil.rmtree(root / "staged", ignore_errors=True)
-        durations = measure_stages(recipe, root, stages, timeout)
+        durations = measure_stages(launcher, recipe, root, stages, timeout)
         staged = compare(reference, root / "staged")
         if not staged.identical:
             raise RuntimeError(f"the build made a stage at a time differs from the uninterrupted one: {staged}")
         (root / "durations.json").write_text(json.dumps(durations, indent=1))
     durations = json.loads((root / "durations.json").read_text())
     report("stage durations: " + ", ".join(f"{s} {d:.2f} s" for s, d in durations.items()))
-
-    plan = plan_kills(stages, kills, seed, durations)
-    rng = random.Random(seed + 1)
-    plan += [Kill(target=rng.choice([s for s in stages if s not in ("ingest", "publish")]),
-                  fraction=round(rng.random(), 4), kind="worker") for _ in range(worker_kills)]
-    done: list[Kill] = []
-    for kill in plan:
-        for attempt in range(retries + 1):
-            crash(kill, recipe, root, len(done), durations, stages, runner, timeout)
-            done.append(kill)
-            report(describe(kill))
-            if kill.kind == "worker" or kill.landed == kill.target or attempt == retries:
-                break
-            # It came after its stage had finished (a loaded machine runs slower than the measure): earlier.
-            kill = Kill(target=kill.target, fraction=round(kill.fraction / 3, 4), kind=kill.kind)
-    return done
+    return durations
 
 
 def describe(kill: Kill) -> str:
@@ -350,11 +458,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--root", type=Path, default=Path("crash-points"),
                         help="folder for the reference, the prefix states and every killed build (kept)")
     parser.add_argument("--json", type=Path, help="also write every kill's record here")
+    parser.add_argument("--no-fork-server", dest="fork_server", action="store_false",
+                        help="start every build as a new python process (slower: each one imports again)")
     args = parser.parse_args(argv)
     if args.worker_kills and args.runner != "ray":
         parser.error("--worker-kills needs --runner ray")
     kills = run_crash_points(args.recipe, args.root, args.kills, args.seed, args.runner, args.worker_kills,
-                             report=lambda line: print(line, flush=True))
+                             fork_server=args.fork_server, report=lambda line: print(line, flush=True))
     failed = [k for k in kills if not k.ok]
     landed = sorted({k.landed for k in kills if k.landed})
     print(f"{len(kills)} kills, landed in: {', '.join(landed)}; {len(kills) - len(failed)} reruns identical to "
