@@ -11,7 +11,8 @@ import os
 import pytest
 
 from densefusion_hf.recipe import STAGE_ORDER
-from densefusion_hf.testing.crash_points import (Comparison, compare, describe, published_files, run_crash_points)
+from densefusion_hf.testing.crash_points import (WORKER_TITLES, Comparison, compare, describe, published_files,
+                                                 run_crash_points)
 from tests.conftest import DEMO_RECIPE, write_recipe
 
 KILLS = int(os.environ.get("DF_HF_CRASH_KILLS", "20"))
@@ -53,7 +54,8 @@ def test_ray_driver_and_workers_killed_then_the_rerun_publishes_the_uninterrupte
     recipe, root = crash_root
     kills = run_crash_points(recipe, root, kills=2, seed=SEED, runner="ray", worker_kills=1)
     _check(kills, 3)
-    assert [k.kind for k in kills].count("worker") == 1
+    workers = [k for k in kills if k.kind == "worker"]
+    assert len(workers) == 1 and workers[0].killed.split(" ", 1)[1].startswith(WORKER_TITLES), workers
 
 
 def test_the_comparison_names_lost_duplicated_and_changed_rows(crash_root, tmp_path):

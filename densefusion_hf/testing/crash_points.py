@@ -72,6 +72,7 @@ class Kill:
     kind: str = "build"         # build: the whole build's process group; worker: one Ray worker process
     landed: str = ""            # the stage running when it came ("" if the build had finished first)
     seconds_in: float = 0.0     # after the stage started
+    killed: str = ""            # worker kills: the process killed ("" if none was busy before the stage ended)
     rerun_returncode: int | None = None
     rerun_seconds: float = 0.0
     comparison: Comparison | None = None
@@ -319,8 +320,14 @@ def plan_kills(stages: list[str], kills: int, seed: int, durations: dict[str, fl
 
 # -- the kills -------------------------------------------------------------------------------------------------
 
-def _workers(child: subprocess.Popen) -> list:
-    """Ray worker processes under the build that are running a task or an actor call (not idle)."""
+# Process titles of Ray workers busy with the build's work: a task of ``runners.ray._call`` or an actor of
+# ``runners.ray._StageWorker``. Ray's own processes (``ray::DashboardAgent`` and the like) are left alone:
+# killing them takes the node down, which is the driver's crash, not a worker's.
+WORKER_TITLES = ("ray::_call", "ray::_StageWorker")
+
+
+def _workers(child) -> list:
+    """Ray worker processes under the build that hold a task or an actor of the build (not idle ones)."""
     import psutil
 
     try:
@@ -330,10 +337,10 @@ def _workers(child: subprocess.Popen) -> list:
     busy = []
     for proc in descendants:
         try:
-            title = " ".join(proc.cmdline())
+            title = " ".join(proc.cmdline()).strip()
         except psutil.Error:
             continue
-        if title.startswith("ray::") and not title.startswith("ray::IDLE"):
+        if title.startswith(WORKER_TITLES):
             busy.append(proc)
     return busy
 
@@ -359,6 +366,7 @@ def crash(launcher: Launcher, kill: Kill, recipe: Path, root: Path, number: int,
         time.sleep(kill.fraction * durations[kill.target] / 2)
         kill.landed = running_stage(workdir, stages) if child.poll() is None else ""
         for proc in _workers(child)[:1]:
+            kill.killed = f"{proc.pid} {' '.join(proc.cmdline()).strip()}"
             proc.kill()
         kill.seconds_in = time.monotonic() - began
         started = time.monotonic()
@@ -443,7 +451,8 @@ def describe(kill: Kill) -> str:
               f"rerun exited {kill.rerun_returncode}" if c is None else
               f"{len(c.lost)} lost, {len(c.duplicated)} duplicated, {len(c.extra)} extra, {len(c.changed)} "
               f"changed rows, files differing: {', '.join(c.files) or 'none'}")
-    return (f"{kill.kind} kill aimed at {kill.target} ({kill.fraction:.0%}) landed in {kill.landed or 'none'} "
+    what = f" ({kill.killed or 'no busy worker found'})" if kill.kind == "worker" else ""
+    return (f"{kill.kind} kill{what} aimed at {kill.target} ({kill.fraction:.0%}) landed in {kill.landed or 'none'} "
             f"{kill.seconds_in:.2f} s in; rerun {kill.rerun_seconds:.1f} s: {result}")
 
 
