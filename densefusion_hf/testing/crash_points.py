@@ -20,7 +20,9 @@ How the instants are chosen, and why the cost stays bounded:
    are compared with the reference's: the same keys, the same row bytes, nothing lost or duplicated, and
    every published file byte for byte (the card only after replacing the folder it names).
 
-A kill thus costs its stage's remainder and the stages after it, never the stages before it. With the Ray
+A kill thus costs its stage's remainder and the stages after it, never the stages before it, and local
+builds are forked from a process that has already imported torch, datasets and the stages (``ForkServer``),
+so that no kill or rerun pays the imports again. With the Ray
 runner (``--runner ray``) the same kills stop the driver (and the local Ray it started), and
 ``--worker-kills`` kills one busy Ray worker process during a stage of a build that then has to finish by
 itself.
