@@ -36,7 +36,7 @@ def zip_member(recipe: Recipe, image_path: str | None) -> tuple[str, str] | None
 
 class ShardImages:
     def __init__(self, recipe: Recipe, workdir: Path, rows: pa.Table):
-        repo = ReleaseRepo(recipe.source.release)
+        repo = ReleaseRepo(recipe.source.release, Path(workdir) / "release" / "downloads")
         # One folder of zip checks per repo and revision: another revision's zips are other files.
         where = hashlib.sha256(f"{recipe.source.release.repo}@{recipe.source.release.revision}".encode())
         records = Path(workdir) / "release" / "zips" / where.hexdigest()[:16]
