@@ -148,6 +148,24 @@ def test_zip_members_are_read_with_their_crc_checked_and_decoded(mini_release, t
     images.close()
 
 
+def test_release_images_over_fetchs_limits_are_never_decoded(mini_release, tmp_path):
+    body = yaml.safe_load(release_recipe(tmp_path, release={"repo": str(mini_release.folder)}).read_text())
+    body["fetch"]["max_pixels"] = 100  # every photo of the miniature is larger
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(body))
+    recipe = load_recipe(tmp_path / "recipe.yaml")
+    rows = pa.table({"key": [url_key(r["url"]) for r in mini_release.rows],
+                     "image_path": [r["image_path"] for r in mini_release.rows]})
+    images = ShardImages(recipe, tmp_path / "work", rows)
+    readable = [url_key(r["url"]) for r in mini_release.rows if r["expect"] == "release"]
+    assert readable and not images.found
+    for key in readable:
+        reason, detail = images.failures[key]
+        assert reason == "too_large" and "fetch.max_pixels 100" in detail
+    counts = images.counts(set())
+    assert sum(c["too_large"] for c in counts.values()) == len(readable)
+    images.close()
+
+
 def test_release_build_publishes_what_can_be_had_with_its_card_and_loads(hub_release, tmp_path):
     release, env = hub_release
     workdir = tmp_path / "work"
@@ -163,7 +181,7 @@ def test_release_build_publishes_what_can_be_had_with_its_card_and_loads(hub_rel
     for path, want in release.shards.items():
         present = "no" if path.endswith("000003.zip") else "yes"
         assert table[path] == [present, "yes" if present == "yes" else "n/a", *(str(want[n]) for n in (
-            "rows", "read", "missing", "corrupt", "repaired", "lost"))], path
+            "rows", "read", "missing", "corrupt", "too_large", "repaired", "lost"))], path
     assert "license: cc-by-4.0" in card and "arXiv:2407.08303" in card and "LAION's terms" in card
     checked = run_cli("card", "check", str(workdir / "dataset"))
     assert checked.returncode == 0, checked.stdout + checked.stderr
