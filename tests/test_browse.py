@@ -239,6 +239,14 @@ def test_category_and_caption_length_filters_give_the_right_counts(server, demo_
     assert match_count(page) == sum(bool(r["priors"]["ocr"]) for r in rows) == 3
     page.goto(server.url + "rows?expert=ocr&min_side=400&max_side=800")
     assert match_count(page) == 3
+    # the image size filters, at thresholds that split the rows
+    short = sorted(min(r["width"], r["height"]) for r in rows)
+    long = sorted(max(r["width"], r["height"]) for r in rows)
+    at_least, at_most = short[len(short) // 2], long[len(long) // 3]
+    page.goto(server.url + f"rows?min_side={at_least}")
+    assert match_count(page) == sum(min(r["width"], r["height"]) >= at_least for r in rows) < len(rows)
+    page.goto(server.url + f"rows?max_side={at_most}")
+    assert match_count(page) == sum(max(r["width"], r["height"]) <= at_most for r in rows) < len(rows)
 
 
 def test_a_deep_link_opens_the_same_view_and_keys_move_between_rows(server, demo_build, page, chromium):
@@ -396,3 +404,19 @@ def test_open_hands_the_address_to_the_users_browser(tmp_path):
     finally:
         code, output = served.stop()
     assert code == 0, output
+
+
+def test_a_thumbnail_asked_for_before_its_bytes_can_be_had_is_made_later(tmp_path):
+    from densefusion_hf.browse.images import ThumbnailCache
+    from densefusion_hf.testing.synthetic import write_synthetic
+
+    cache = ThumbnailCache(tmp_path / "thumbs")
+    assert cache.get("k", lambda: None) == (None, "no image bytes")  # e.g. the index is still being built
+    data = next(p for p in sorted((write_synthetic(tmp_path / "s", rows=2)).rglob("*.parquet")))
+    import pyarrow.parquet as pq
+
+    image = pq.read_table(data).column("image")[0].as_py()["bytes"]
+    thumb, problem = cache.get("k", lambda: image)
+    assert problem is None and thumb[:2] == b"\xff\xd8"
+    assert cache.get("bad", lambda: b"not an image")[0] is None and cache.get("bad", lambda: image)[0] is None
+    assert cache._locks == {}
