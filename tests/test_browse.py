@@ -104,8 +104,17 @@ def chromium():
 @pytest.fixture
 def page(chromium):
     context = chromium.new_context(viewport={"width": 1400, "height": 900})
-    page = context.new_page()
     failed = []
+
+    def loopback_only(route):  # no CDN: the page asks nothing of any other host, and none is ever reached
+        if route.request.url.startswith(("http://127.0.0.1:", "data:", "blob:")):
+            route.continue_()
+        else:
+            failed.append(f"asked for {route.request.url}, not served by df-hf browse")
+            route.abort()
+
+    context.route("**/*", loopback_only)
+    page = context.new_page()
     # a navigation cancels the thumbnails still loading (net::ERR_ABORTED); anything else is a failure
     page.on("requestfailed", lambda request: None if "ERR_ABORTED" in (request.failure or "")
             else failed.append(f"{request.url}: {request.failure}"))
@@ -184,6 +193,12 @@ def test_a_text_image_shows_its_ocr_words_and_boxes_as_svg(server, demo_build, p
         assert box.locator("rect").bounding_box()["width"] > 20
     assert page.evaluate("document.getElementById('full-image').naturalWidth") == 800
     assert page.locator("#caption").inner_text() == sign["caption"]
+    facts = page.locator(".facts").inner_text()
+    assert f"model {sign['caption_model']}" in facts and f"prompt {sign['prompt_version']}" in facts
+    shown_tags = page.locator("#tags .tag").all_inner_texts()
+    assert [t.split()[0] for t in shown_tags] == [t["label"].split()[0] for t in sign["priors"]["tags"]]
+    columns = dict(zip(page.locator("#columns th").all_inner_texts(), page.locator("#columns td").all_inner_texts()))
+    assert columns["sha256"] == sign["sha256"] and columns["url"] == sign["url"]
     page.screenshot(path=str(artifacts / "browse-row-view.png"), full_page=True)
     assert (artifacts / "browse-row-view.png").stat().st_size > 10_000
     # an expert switched off hides its boxes, and the URL keeps it
