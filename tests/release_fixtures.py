@@ -164,7 +164,7 @@ def write_mini_release(folder: Path, server_url: str) -> MiniRelease:
     release = MiniRelease(folder, rows, served)
     for row in rows:
         entry = release.shards.setdefault(row["zip"], {"rows": 0, "read": 0, "missing": 0, "corrupt": 0,
-                                                        "repaired": 0, "lost": 0})
+                                                        "too_large": 0, "repaired": 0, "lost": 0})
         entry["rows"] += 1
         if row["expect"] == "release":
             entry["read"] += 1

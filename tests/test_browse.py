@@ -104,8 +104,17 @@ def chromium():
 @pytest.fixture
 def page(chromium):
     context = chromium.new_context(viewport={"width": 1400, "height": 900})
-    page = context.new_page()
     failed = []
+
+    def loopback_only(route):  # no CDN: the page asks nothing of any other host, and none is ever reached
+        if route.request.url.startswith(("http://127.0.0.1:", "data:", "blob:")):
+            route.continue_()
+        else:
+            failed.append(f"asked for {route.request.url}, not served by df-hf browse")
+            route.abort()
+
+    context.route("**/*", loopback_only)
+    page = context.new_page()
     # a navigation cancels the thumbnails still loading (net::ERR_ABORTED); anything else is a failure
     page.on("requestfailed", lambda request: None if "ERR_ABORTED" in (request.failure or "")
             else failed.append(f"{request.url}: {request.failure}"))
@@ -184,6 +193,12 @@ def test_a_text_image_shows_its_ocr_words_and_boxes_as_svg(server, demo_build, p
         assert box.locator("rect").bounding_box()["width"] > 20
     assert page.evaluate("document.getElementById('full-image').naturalWidth") == 800
     assert page.locator("#caption").inner_text() == sign["caption"]
+    facts = page.locator(".facts").inner_text()
+    assert f"model {sign['caption_model']}" in facts and f"prompt {sign['prompt_version']}" in facts
+    shown_tags = page.locator("#tags .tag").all_inner_texts()
+    assert [t.split()[0] for t in shown_tags] == [t["label"].split()[0] for t in sign["priors"]["tags"]]
+    columns = dict(zip(page.locator("#columns th").all_inner_texts(), page.locator("#columns td").all_inner_texts()))
+    assert columns["sha256"] == sign["sha256"] and columns["url"] == sign["url"]
     page.screenshot(path=str(artifacts / "browse-row-view.png"), full_page=True)
     assert (artifacts / "browse-row-view.png").stat().st_size > 10_000
     # an expert switched off hides its boxes, and the URL keeps it
@@ -239,6 +254,14 @@ def test_category_and_caption_length_filters_give_the_right_counts(server, demo_
     assert match_count(page) == sum(bool(r["priors"]["ocr"]) for r in rows) == 3
     page.goto(server.url + "rows?expert=ocr&min_side=400&max_side=800")
     assert match_count(page) == 3
+    # the image size filters, at thresholds that split the rows
+    short = sorted(min(r["width"], r["height"]) for r in rows)
+    long = sorted(max(r["width"], r["height"]) for r in rows)
+    at_least, at_most = short[len(short) // 2], long[len(long) // 3]
+    page.goto(server.url + f"rows?min_side={at_least}")
+    assert match_count(page) == sum(min(r["width"], r["height"]) >= at_least for r in rows) < len(rows)
+    page.goto(server.url + f"rows?max_side={at_most}")
+    assert match_count(page) == sum(max(r["width"], r["height"]) <= at_most for r in rows) < len(rows)
 
 
 def test_a_deep_link_opens_the_same_view_and_keys_move_between_rows(server, demo_build, page, chromium):
@@ -397,3 +420,19 @@ def test_open_hands_the_address_to_the_users_browser(tmp_path):
     finally:
         code, output = served.stop()
     assert code == 0, output
+
+
+def test_a_thumbnail_asked_for_before_its_bytes_can_be_had_is_made_later(tmp_path):
+    from densefusion_hf.browse.images import ThumbnailCache
+    from densefusion_hf.testing.synthetic import write_synthetic
+
+    cache = ThumbnailCache(tmp_path / "thumbs")
+    assert cache.get("k", lambda: None) == (None, "no image bytes")  # e.g. the index is still being built
+    data = next(p for p in sorted((write_synthetic(tmp_path / "s", rows=2)).rglob("*.parquet")))
+    import pyarrow.parquet as pq
+
+    image = pq.read_table(data).column("image")[0].as_py()["bytes"]
+    thumb, problem = cache.get("k", lambda: image)
+    assert problem is None and thumb[:2] == b"\xff\xd8"
+    assert cache.get("bad", lambda: b"not an image")[0] is None and cache.get("bad", lambda: image)[0] is None
+    assert cache._locks == {}

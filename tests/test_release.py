@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -147,6 +148,24 @@ def test_zip_members_are_read_with_their_crc_checked_and_decoded(mini_release, t
     images.close()
 
 
+def test_release_images_over_fetchs_limits_are_never_decoded(mini_release, tmp_path):
+    body = yaml.safe_load(release_recipe(tmp_path, release={"repo": str(mini_release.folder)}).read_text())
+    body["fetch"]["max_pixels"] = 100  # every photo of the miniature is larger
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(body))
+    recipe = load_recipe(tmp_path / "recipe.yaml")
+    rows = pa.table({"key": [url_key(r["url"]) for r in mini_release.rows],
+                     "image_path": [r["image_path"] for r in mini_release.rows]})
+    images = ShardImages(recipe, tmp_path / "work", rows)
+    readable = [url_key(r["url"]) for r in mini_release.rows if r["expect"] == "release"]
+    assert readable and not images.found
+    for key in readable:
+        reason, detail = images.failures[key]
+        assert reason == "too_large" and "fetch.max_pixels 100" in detail
+    counts = images.counts(set())
+    assert sum(c["too_large"] for c in counts.values()) == len(readable)
+    images.close()
+
+
 def test_release_build_publishes_what_can_be_had_with_its_card_and_loads(hub_release, tmp_path):
     release, env = hub_release
     workdir = tmp_path / "work"
@@ -162,7 +181,7 @@ def test_release_build_publishes_what_can_be_had_with_its_card_and_loads(hub_rel
     for path, want in release.shards.items():
         present = "no" if path.endswith("000003.zip") else "yes"
         assert table[path] == [present, "yes" if present == "yes" else "n/a", *(str(want[n]) for n in (
-            "rows", "read", "missing", "corrupt", "repaired", "lost"))], path
+            "rows", "read", "missing", "corrupt", "too_large", "repaired", "lost"))], path
     assert "license: cc-by-4.0" in card and "arXiv:2407.08303" in card and "LAION's terms" in card
     checked = run_cli("card", "check", str(workdir / "dataset"))
     assert checked.returncode == 0, checked.stdout + checked.stderr
@@ -194,15 +213,16 @@ def _blobs(env: dict) -> Path:
 
 def _kill_when(command: list[str], env: dict, ready, timeout: float = 120) -> None:
     """Run ``command``; SIGKILL it (and its children) as soon as ``ready()`` is true."""
-    child = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                             start_new_session=True)
+    child = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             start_new_session=True, text=True)
     deadline = time.monotonic() + timeout
     while not ready() and time.monotonic() < deadline and child.poll() is None:
         time.sleep(0.02)
     reached = ready()
-    os.killpg(child.pid, signal.SIGKILL)
-    child.wait()
-    assert reached, "the command ended before the moment it was to be killed at"
+    if child.poll() is None:
+        os.killpg(child.pid, signal.SIGKILL)
+    _, errors = child.communicate()
+    assert reached, f"the command ended before the moment it was to be killed at:\n{errors[-3000:]}"
 
 
 def test_rerun_after_sigkill_while_reading_the_zips_gives_the_same_rows(hub_release, fake_hub, tmp_path):
@@ -221,26 +241,44 @@ def test_rerun_after_sigkill_while_reading_the_zips_gives_the_same_rows(hub_rele
 
 def test_an_interrupted_zip_download_is_resumed_not_restarted(hub_release, fake_hub, tmp_path):
     release, env = hub_release
-    # huggingface_hub writes downloads in 10 MiB pieces and resumes after the last one written, so the zip
-    # must be larger than that for a resume to show.
     zip_path = f"images/{FOLDER_1M}/000005.zip"
     big = release.folder / zip_path
     with zipfile.ZipFile(big, "w", compression=zipfile.ZIP_STORED) as archive:
-        archive.writestr("noise.png", np.random.default_rng(0).bytes(12 * 2**20))
+        # huggingface_hub writes what it receives in pieces of 10 MiB: larger than that, a kill leaves some
+        archive.writestr("noise.png", np.random.default_rng(0).bytes(24 * 2**20))
     run_python(f"from huggingface_hub import HfApi; HfApi().upload_file(path_or_fileobj={str(big)!r}, "
                f"path_in_repo={zip_path!r}, repo_id={RELEASE_REPO!r}, repo_type='dataset')", env)
-    fake_hub.reset_log()
-    fake_hub.drop_download_after = 11 * 2**20       # the link drops 11 MiB into the zip
-    digest = run_python(textwrap.dedent(f"""
+    downloads = tmp_path / "work" / "release" / "downloads"
+    fetch_zip = textwrap.dedent(f"""
         import hashlib
+        from pathlib import Path
         from densefusion_hf.recipe import load_recipe
         from densefusion_hf.release.repo import ReleaseRepo
-        local = ReleaseRepo(load_recipe({str(release_recipe(tmp_path))!r}).source.release).file({zip_path!r})
-        print(hashlib.sha256(local.read_bytes()).hexdigest())
-    """), env).stdout.strip().splitlines()[-1]
-    assert digest == hashlib.sha256(big.read_bytes()).hexdigest()
+        repo = ReleaseRepo(load_recipe({str(release_recipe(tmp_path))!r}).source.release, Path({str(downloads)!r}))
+        print(hashlib.sha256(repo.file({zip_path!r}).read_bytes()).hexdigest())
+    """)
+    expected = hashlib.sha256(big.read_bytes()).hexdigest()
+
+    # The build killed in the middle of the download: the rerun asks for the rest only.
+    fake_hub.reset_log()
+    fake_hub.download_rate = 8 * 2**20  # bytes a second
+    partial = lambda: next(downloads.rglob("000005.zip.partial"), None)  # noqa: E731
+    _kill_when([sys.executable, "-c", fetch_zip], env, lambda: partial() is not None and partial().stat().st_size)
+    had = partial().stat().st_size
+    fake_hub.download_rate = None
+    assert run_python(fetch_zip, env).stdout.strip().splitlines()[-1] == expected
     ranges = [d["range"] for d in fake_hub.request_log()["downloads"] if d["path"] == zip_path]
-    assert ranges == [None, f"bytes={10 * 2**20}-"]   # the second request went on where the first stopped
+    assert ranges == [None, f"bytes={had}-"]
+    assert partial() is None  # renamed into place once complete
+
+    # A connection dropped part-way: the same process goes on from where it stopped.
+    shutil.rmtree(downloads)
+    fake_hub.reset_log()
+    fake_hub.drop_download_after = 12 * 2**20
+    assert run_python(fetch_zip, env).stdout.strip().splitlines()[-1] == expected
+    ranges = [d["range"] for d in fake_hub.request_log()["downloads"] if d["path"] == zip_path]
+    assert len(ranges) == 2 and ranges[0] is None and int(ranges[1][len("bytes="):-1]) >= 10 * 2**20
+
 
 def test_a_caption_stage_on_a_release_writes_ours_beside_the_release_caption(mini_release, tmp_path):
     from densefusion_hf.runners.local import build

@@ -89,25 +89,31 @@ class ThumbnailCache:
         return base.with_suffix(".jpg"), base.with_suffix(".bad")
 
     def get(self, name: str, load) -> tuple[bytes | None, str | None]:
-        """(JPEG thumbnail, None) or (None, why the image does not decode); ``load()`` gives the image bytes."""
+        """(JPEG thumbnail, None) or (None, why the image does not decode); ``load()`` gives the image bytes, or
+        None when they cannot be had yet (the index still being built), which is not cached."""
         good, bad = self._paths(name)
         with self._lock:
             lock = self._locks.setdefault(name, threading.Lock())
-        with lock:
-            if good.exists():
-                return good.read_bytes(), None
-            if bad.exists():
-                return None, bad.read_text()
-            good.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                thumb = make_thumbnail(load())
-            except UnreadableImage as exc:
-                self._write(bad, str(exc).encode())
-                return None, str(exc)
-            self._write(good, thumb)
-        with self._lock:
-            self._locks.pop(name, None)
-        return thumb, None
+        try:
+            with lock:
+                if good.exists():
+                    return good.read_bytes(), None
+                if bad.exists():
+                    return None, bad.read_text()
+                data = load()
+                if data is None:
+                    return None, "no image bytes"
+                good.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    thumb = make_thumbnail(data)
+                except UnreadableImage as exc:
+                    self._write(bad, str(exc).encode())
+                    return None, str(exc)
+                self._write(good, thumb)
+                return thumb, None
+        finally:
+            with self._lock:  # one lock per image being made, not one per image ever served
+                self._locks.pop(name, None)
 
     @staticmethod
     def _write(path: Path, data: bytes) -> None:

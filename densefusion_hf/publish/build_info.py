@@ -7,7 +7,6 @@ on the clock or the machine, so a rebuild with the same recipe and inputs writes
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -29,11 +28,9 @@ def assets_dir(folder: Path, config: str) -> Path:
 
 
 def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    from densefusion_hf.stages.shards import file_digest  # here: the stages package imports this module
+
+    return file_digest(path)
 
 
 def describe_files(folder: Path, paths: list[Path], sha256s: list[str] | None = None) -> list[dict]:

@@ -17,12 +17,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from densefusion_hf.images import UnreadableImage, inspect_image
+from densefusion_hf.netguard.opener import TooLarge, check_pixels
 from densefusion_hf.recipe import Recipe
 from densefusion_hf.release.repo import ReleaseRepo
 from densefusion_hf.release.zips import MemberError, OpenZips, ZipCheck, check_zip
 
 #: Counts kept per zip shard in fetch's stats (``stats["release"]``), summed for the card.
-COUNTS = ("rows", "read", "missing", "corrupt", "repaired", "lost")
+COUNTS = ("rows", "read", "missing", "corrupt", "too_large", "repaired", "lost")
 
 
 def zip_member(recipe: Recipe, image_path: str | None) -> tuple[str, str] | None:
@@ -36,7 +37,7 @@ def zip_member(recipe: Recipe, image_path: str | None) -> tuple[str, str] | None
 
 class ShardImages:
     def __init__(self, recipe: Recipe, workdir: Path, rows: pa.Table):
-        repo = ReleaseRepo(recipe.source.release)
+        repo = ReleaseRepo(recipe.source.release, Path(workdir) / "release" / "downloads")
         # One folder of zip checks per repo and revision: another revision's zips are other files.
         where = hashlib.sha256(f"{recipe.source.release.repo}@{recipe.source.release.revision}".encode())
         records = Path(workdir) / "release" / "zips" / where.hexdigest()[:16]
@@ -57,7 +58,15 @@ class ShardImages:
                 self.checks[path] = check_zip(repo, path, records)
             try:
                 data = self.zips.read(self.checks[path], member)
+                # fetch's limits hold for the release's images too, checked before anything decodes them
+                limits = recipe.fetch
+                if limits.max_bytes is not None and len(data) > limits.max_bytes:
+                    raise TooLarge(f"{len(data)} bytes > fetch.max_bytes {limits.max_bytes}")
+                check_pixels(data, limits.max_pixels)
                 info = inspect_image(data)   # the format comes from the bytes, not the .png name
+            except TooLarge as exc:
+                self.failures[key] = ("too_large", f"{path}: member {member}: {exc.args[0]}")
+                continue
             except MemberError as exc:
                 self.failures[key] = (exc.reason, exc.detail)
                 continue
@@ -94,7 +103,8 @@ class ShardImages:
                 drop["reason"] = failure[0]
 
     def counts(self, kept_keys: set[str]) -> dict:
-        """Per zip shard: rows, members read, missing, corrupt, repaired from the URL, lost; and the zip's check."""
+        """Per zip shard: rows, members read, missing, corrupt, over fetch's size limits, repaired from the URL,
+        lost; and the zip's check."""
         out: dict[str, dict] = {}
         for key, path in self.zip_of.items():
             entry = out.setdefault(path or "(no image path)", dict.fromkeys(COUNTS, 0))
@@ -103,7 +113,7 @@ class ShardImages:
                 entry["read"] += 1
                 continue
             reason = self.failures[key][0]
-            entry["missing" if reason == "missing_in_release" else "corrupt"] += 1
+            entry[{"missing_in_release": "missing", "too_large": "too_large"}.get(reason, "corrupt")] += 1
             entry["repaired" if key in kept_keys else "lost"] += 1
         for path, entry in out.items():
             check = self.checks.get(path)

@@ -86,7 +86,7 @@ def convert(jsonl: Path, out: Path, recipe: Recipe) -> Path:
 def release_metadata(recipe: Recipe, workdir: Path) -> Path:
     """The release's rows as Parquet under ``WORKDIR/release/``, converted once per release and layout."""
     release = recipe.source.release
-    repo = ReleaseRepo(release)
+    repo = ReleaseRepo(release, Path(workdir) / "release" / "downloads")
     jsonl = repo.file(release.layout.jsonl)
     if jsonl is None:
         raise UserError(f"source.release: {repo.where} has no {release.layout.jsonl} (source.release.layout.jsonl); "

@@ -7,7 +7,6 @@ digest decides nothing alone: a member that reads and decodes is used, whatever 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import zipfile
@@ -16,15 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from densefusion_hf.release.repo import ReleaseRepo
-from densefusion_hf.stages.shards import temporary_name
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+from densefusion_hf.stages.shards import file_digest as file_sha256, temporary_name
 
 
 @dataclass

@@ -59,8 +59,12 @@ def atomic_write_json(path: Path, obj) -> None:
 
 
 def file_digest(path: Path) -> str:
+    """The SHA-256 of a file, read a MiB at a time (hashlib.file_digest needs Python 3.11)."""
+    digest = hashlib.sha256()
     with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 class ShardWriter:
