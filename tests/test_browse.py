@@ -134,8 +134,9 @@ def artifacts(tmp_path_factory) -> Path:
 
 def published(workdir: Path) -> list[dict]:
     files = sorted((workdir / "dataset" / CONFIG).glob("*.parquet"))
-    return [r for f in files for r in pq.read_table(f, columns=["key", "url", "caption", "text", "priors",
-                                                                 "category", "caption_words"]).to_pylist()]
+    columns = ["key", "url", "caption", "text", "priors", "category", "caption_words", "caption_model",
+               "prompt_version", "sha256", "width", "height"]
+    return [r for f in files for r in pq.read_table(f, columns=columns).to_pylist()]
 
 
 def gallery_keys(page) -> list[str]:
