@@ -192,13 +192,9 @@ def write_by_shard(decision: pa.Table, source: StageDir, shards: list[str], path
     if positions.null_count or len(decision) != len(wanted):
         raise RuntimeError(f"the decision of {path.parent.name} does not cover exactly the rows of its input "
                            f"({len(decision)} decided, {len(wanted)} rows); this is a bug")
-    ordered = decision.take(positions)
-    groups, offset, group = {}, 0, 0
+    ordered, offset = decision.take(positions), 0
+    groups = {shard: group for group, shard in enumerate(s for s, k in zip(shards, keys) if len(k))}
     metadata = dict(decision.schema.metadata or {})
-    for shard, shard_keys in zip(shards, keys):
-        if len(shard_keys):
-            groups[shard] = group
-            group += 1
     metadata[_SHARD_GROUPS] = json.dumps(groups).encode()
     schema = decision.schema.with_metadata(metadata)
     with pq.ParquetWriter(path, schema) as writer:
@@ -246,17 +242,17 @@ class GlobalStage(ShardStage):
     def _decided(self, ctx: BuildContext, shard: str) -> tuple[pa.Table, dict]:
         """The saved decision for ``shard`` and its key positions: one row group, so that a worker applying
         it holds one shard's decision, not every row's."""
-        decision_file = pq.ParquetFile(self.decision_path(ctx))
-        metadata = decision_file.schema_arrow.metadata or {}
-        if _SHARD_GROUPS in metadata:
-            group = json.loads(metadata[_SHARD_GROUPS]).get(shard)
-            table = (decision_file.read_row_group(group) if group is not None
-                     else decision_file.schema_arrow.empty_table())
-            return table, {k: i for i, k in enumerate(table.column("key").to_pylist())}
-        # A decision saved whole (older work directories): read once per process.
-        if getattr(self, "_decision", None) is None:
-            self._decision = decision_file.read()
-            self._position = {k: i for i, k in enumerate(self._decision.column("key").to_pylist())}
+        with pq.ParquetFile(self.decision_path(ctx)) as decision_file:
+            metadata = decision_file.schema_arrow.metadata or {}
+            if _SHARD_GROUPS in metadata:
+                group = json.loads(metadata[_SHARD_GROUPS]).get(shard)
+                table = (decision_file.read_row_group(group) if group is not None
+                         else decision_file.schema_arrow.empty_table())
+                return table, {k: i for i, k in enumerate(table.column("key").to_pylist())}
+            # A decision saved whole (older work directories): read once per process.
+            if getattr(self, "_decision", None) is None:
+                self._decision = decision_file.read()
+                self._position = {k: i for i, k in enumerate(self._decision.column("key").to_pylist())}
         return self._decision, self._position
 
     def __getstate__(self):
