@@ -13,7 +13,7 @@ from densefusion_hf.netguard.addresses import ALLOW_ENV
 from densefusion_hf.recipe import load_recipe
 from densefusion_hf.runners.local import build
 from densefusion_hf.sample.server import SampleServer
-from densefusion_hf.stages.dedup import keep_order
+from densefusion_hf.stages.dedup import fidelity_ranks, keep_order
 from densefusion_hf.stages.shards import StageDir
 from tests.conftest import write_metadata, write_recipe
 
@@ -51,7 +51,8 @@ def _keep(copies):
         with Image.open(io.BytesIO(data)) as image:
             pixels.append(image.width * image.height)
         quality.append(fidelity(data))
-    rank = keep_order(np.array(pixels), np.array([c[1] for c in copies]), [c[2] for c in copies], quality)
+    rank = keep_order(np.array(pixels), np.array([c[1] for c in copies]), [c[2] for c in copies],
+                      fidelity_ranks(np.array(quality)))
     keep, _ = choose_kept(np.zeros(len(copies), dtype=np.int64), -rank)
     return int(np.flatnonzero(keep)[0])
 

@@ -14,7 +14,7 @@ from densefusion_hf.stages.shards import StageDir
 from tests.conftest import write_recipe
 
 # Bytes per row on the driver, as the README's memory table states them.
-STATED = {"dedup": 700, "semdedup": 350, "select": 1200}
+STATED = {"dedup": 320, "semdedup": 100, "select": 500}
 ROWS_PER_SHARD = 5000
 
 MEASURE = r"""

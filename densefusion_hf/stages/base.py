@@ -169,13 +169,16 @@ def decode_rows(rows: pa.Table) -> tuple[list, list[bool], list[dict]]:
     return images, decoded, drops
 
 
-def decision_table(keys: list[str], reasons: list, details: list, dup_of: list | None = None,
-                   **columns: pa.Array) -> pa.Table:
-    """A GlobalStage decision: per key, why it is dropped (None keeps it), and the columns to add."""
+def decision_table(keys, reasons, details, dup_of=None, **columns: pa.Array) -> pa.Table:
+    """A GlobalStage decision: per key, why it is dropped (None keeps it), and the columns to add.  Each of
+    keys, reasons, details and dup_of is a list or an Arrow string column."""
+
+    def strings(values):
+        return values if isinstance(values, (pa.Array, pa.ChunkedArray)) else pa.array(values, pa.string())
+
     return pa.table({
-        "key": pa.array(keys, pa.string()), "reason": pa.array(reasons, pa.string()),
-        "detail": pa.array(details, pa.string()),
-        "dup_of": pa.array(dup_of if dup_of is not None else [None] * len(keys), pa.string()),
+        "key": strings(keys), "reason": strings(reasons), "detail": strings(details),
+        "dup_of": strings(dup_of) if dup_of is not None else pa.nulls(len(keys), pa.string()),
         **columns,
     })
 
@@ -183,26 +186,42 @@ def decision_table(keys: list[str], reasons: list, details: list, dup_of: list |
 _SHARD_GROUPS = b"densefusion.shard_row_groups"
 
 
+def _in_shard_order(decision: pa.Table, source: StageDir, shards: list[str]) -> list[int] | None:
+    """Each shard's row count when ``decision`` already lists the shards' keys in their order (what the
+    decisions do), compared one shard at a time; None otherwise."""
+    sizes, offset, decided = [], 0, decision.column("key")
+    for shard in shards:
+        keys = source.read(shard, columns=["key"]).column("key")
+        if offset + len(keys) > len(decision) or not decided.slice(offset, len(keys)).equals(keys):
+            return None
+        sizes.append(len(keys))
+        offset += len(keys)
+    return sizes if offset == len(decision) else None
+
+
 def write_by_shard(decision: pa.Table, source: StageDir, shards: list[str], path) -> None:
     """``decision`` saved in the shards' row order, one row group per shard, the shard -> row group map in the
     file's metadata."""
-    keys = [source.read(s, columns=["key"]).column("key").combine_chunks() for s in shards]
-    wanted = pa.concat_arrays(keys) if keys else pa.array([], pa.string())
-    positions = pc.index_in(wanted, value_set=decision.column("key"))
-    if positions.null_count or len(decision) != len(wanted):
-        raise RuntimeError(f"the decision of {path.parent.name} does not cover exactly the rows of its input "
-                           f"({len(decision)} decided, {len(wanted)} rows); this is a bug")
-    ordered, offset = decision.take(positions), 0
-    groups = {shard: group for group, shard in enumerate(s for s, k in zip(shards, keys) if len(k))}
+    sizes = _in_shard_order(decision, source, shards)
+    if sizes is None:  # reorder: an index over every key, so only when the decision is not in order already
+        keys = [source.read(s, columns=["key"]).column("key").combine_chunks() for s in shards]
+        wanted = pa.concat_arrays(keys) if keys else pa.array([], pa.string())
+        positions = pc.index_in(wanted, value_set=decision.column("key"))
+        if positions.null_count or len(decision) != len(wanted):
+            raise RuntimeError(f"the decision of {path.parent.name} does not cover exactly the rows of its input "
+                               f"({len(decision)} decided, {len(wanted)} rows); this is a bug")
+        decision, sizes = decision.take(positions), [len(k) for k in keys]
+    groups = {shard: group for group, shard in enumerate(s for s, size in zip(shards, sizes) if size)}
     metadata = dict(decision.schema.metadata or {})
     metadata[_SHARD_GROUPS] = json.dumps(groups).encode()
     schema = decision.schema.with_metadata(metadata)
+    offset = 0
     with pq.ParquetWriter(path, schema) as writer:
-        for shard_keys in keys:
-            if len(shard_keys):
-                writer.write_table(ordered.slice(offset, len(shard_keys)).replace_schema_metadata(metadata),
-                                   row_group_size=len(shard_keys))
-            offset += len(shard_keys)
+        for size in sizes:
+            if size:
+                writer.write_table(decision.slice(offset, size).replace_schema_metadata(metadata),
+                                   row_group_size=size)
+            offset += size
 
 
 class GlobalStage(ShardStage):

@@ -17,10 +17,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from densefusion_hf.dedup.fidelity import fidelity
-from densefusion_hf.dedup.phash import hamming, phash_many, refined_pairs
+from densefusion_hf.dedup.hamming import _popcount
+from densefusion_hf.dedup.phash import phash_many, refined_pairs
 from densefusion_hf.dedup.semantic import choose_kept
 from densefusion_hf.dedup.unionfind import connected_components
 from densefusion_hf.recipe import Recipe
+from densefusion_hf.stages.columnar import at_rows, hex_to_uint64, ranks, uint64_to_hex
 from densefusion_hf.stages.shards import StageDir
 from densefusion_hf.stages.base import BuildContext, GlobalStage, decision_table, image_batches
 
@@ -32,32 +34,29 @@ def hash_hex(value: int | None, bits: int) -> str | None:
     return None if value is None else format(value, f"0{(bits + 3) // 4}x")
 
 
-def exact_pairs(digests: list[str]) -> np.ndarray:
-    """Pairs (first, other) of rows with the same digest."""
-    first: dict[str, int] = {}
-    pairs = []
-    for index, digest in enumerate(digests):
-        if digest is None:
-            continue
-        if digest in first:
-            pairs.append((first[digest], index))
-        else:
-            first[digest] = index
-    return np.array(pairs, dtype=np.int64).reshape(-1, 2)
+def exact_pairs(words: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """Pairs of rows with the same digest, given each digest as an (n, 4) array of its 64-bit words: every
+    row paired with the next one holding the same digest (enough to join them into one group)."""
+    rows = np.flatnonzero(valid)
+    order = rows[np.lexsort(tuple(words[rows, k] for k in reversed(range(words.shape[1]))))]
+    same = np.all(words[order[1:]] == words[order[:-1]], axis=1)
+    return np.stack([order[:-1][same], order[1:][same]], axis=1).astype(np.int64).reshape(-1, 2)
 
 
-def keep_order(pixels: np.ndarray, similarity: np.ndarray, keys: list[str],
-               fidelity: list[tuple] | None = None) -> np.ndarray:
-    """Rank of every row under the keep rule (0 = best): most pixels, least compressed (``fidelity``
-    tuples, larger is better), highest similarity, smallest key."""
+def fidelity_ranks(values: np.ndarray) -> np.ndarray:
+    """Dense ranks (1 = worst) of ``fidelity`` tuples, one per row of ``values``; equal tuples rank equal."""
+    if len(values) == 0:
+        return np.zeros(0, dtype=np.int64)
+    _, inverse = np.unique(np.asarray(values, dtype=np.float64), axis=0, return_inverse=True)
+    return inverse.ravel().astype(np.int64) + 1
+
+
+def keep_order(pixels: np.ndarray, similarity: np.ndarray, keys, fidelity_rank: np.ndarray | None = None) -> np.ndarray:
+    """Rank of every row under the keep rule (0 = best): most pixels, least compressed (``fidelity_rank``,
+    larger is better), highest similarity, smallest key (``keys``: the keys, or any array sorting as they do)."""
     sim = np.nan_to_num(np.asarray(similarity, dtype=np.float64), nan=-np.inf)
-    n = len(keys)
-    if fidelity is None:
-        fidelity_rank = np.zeros(n, dtype=np.int64)
-    else:
-        distinct = sorted(set(fidelity))
-        position = {value: i for i, value in enumerate(distinct)}
-        fidelity_rank = np.array([position[value] for value in fidelity], dtype=np.int64).reshape(n)
+    n = len(sim)
+    fidelity_rank = np.zeros(n, dtype=np.int64) if fidelity_rank is None else np.asarray(fidelity_rank)
     order = np.lexsort((np.asarray(keys), -sim, -fidelity_rank, -np.asarray(pixels, dtype=np.float64)))
     rank = np.empty(len(order), dtype=np.int64)
     rank[order] = np.arange(len(order))
@@ -114,70 +113,103 @@ class Dedup(GlobalStage):
         return [result.get(k) for _, k in wanted]
 
     @staticmethod
-    def _fidelity(ctx: BuildContext, labels: np.ndarray, row_shard: list[str], keys: list[str]) -> list[tuple]:
-        """``fidelity`` of the rows that have duplicates (read from fetch's shards); the rest compete with
-        no one and get a placeholder."""
-        counts = np.bincount(labels, minlength=len(keys)) if len(keys) else np.zeros(0, np.int64)
+    def _fidelity_rank(ctx: BuildContext, columns: "_Columns", labels: np.ndarray) -> np.ndarray:
+        """``fidelity_ranks`` of the rows that have duplicates (their images read from fetch's shards, one shard
+        at a time); the rest compete with no one and get 0."""
+        n = len(labels)
+        counts = np.bincount(labels, minlength=n)
         in_group = np.flatnonzero(counts[labels] > 1)
-        found: dict[str, tuple] = {}
-        for shard in sorted({row_shard[i] for i in in_group}):
-            wanted = sorted(keys[i] for i in in_group if row_shard[i] == shard)
-            images = ctx.stage_dir("fetch").read(shard, columns=["key", "image"])
-            images = images.filter(pc.is_in(images.column("key"), pa.array(wanted)))
-            for key, data in zip(images.column("key").to_pylist(), images.column("image").to_pylist()):
-                found[key] = fidelity(data)
-        return [found.get(k, (0, 0.0, 0.0)) for k in keys]
+        quality = np.zeros((len(in_group), 3), dtype=np.float64)
+        for shard_index in np.unique(columns.shard_of[in_group]):
+            at = np.flatnonzero(columns.shard_of[in_group] == shard_index)
+            wanted = columns.keys.take(pa.array(in_group[at]))
+            images = ctx.stage_dir("fetch").read(columns.shards[shard_index], columns=["key", "image"])
+            images = images.filter(pc.is_in(images.column("key"), wanted))
+            found = dict(zip(images.column("key").to_pylist(), map(fidelity, images.column("image").to_pylist())))
+            quality[at] = [found.get(key, (0, 0.0, 0.0)) for key in wanted.to_pylist()]
+        rank = np.zeros(n, dtype=np.int64)
+        rank[in_group] = fidelity_ranks(quality)
+        return rank
 
     def decide(self, ctx: BuildContext, source: StageDir, shards: list[str]) -> pa.Table:
-        settings, measures = ctx.recipe.dedup, self.measures(ctx)
-        small = ["key", "sha256", "width", "height", "similarity"]
-        parts = [source.read(s, columns=small) for s in shards]
-        row_shard = [s for s, part in zip(shards, parts) for _ in range(part.num_rows)]
-        table = pa.concat_tables(parts) if parts else None
-        if table is None or table.num_rows == 0:
-            return decision_table([], [], [], phash=pa.array([], pa.string()))
-        keys = table.column("key").to_pylist()
+        settings = ctx.recipe.dedup
+        columns = _Columns.read(source, self.measures(ctx) if settings.perceptual else None, shards)
+        keys, n = columns.keys, len(columns.keys)
+        width = (settings.hash_size ** 2 + 3) // 4
+        phash, have_phash = columns.phash, columns.phash_valid
+        pairs = [exact_pairs(columns.sha256, columns.sha256_valid)] if settings.exact else []
         if settings.perceptual:
-            hashes = pa.concat_tables([measures.read(s) for s in shards])
-            assert hashes.column("key").to_pylist() == keys
-            phash = hashes.column("phash").to_pylist()
-        else:
-            phash = [None] * len(keys)
-        pairs = [exact_pairs(table.column("sha256").to_pylist())] if settings.exact else []
-        if settings.perceptual:
-            have = np.array([i for i, h in enumerate(phash) if h is not None], dtype=np.int64)
-            values = np.array([int(phash[i], 16) for i in have], dtype=np.uint64)
-            bits = settings.hash_size ** 2
+            have = np.flatnonzero(have_phash)
 
             def exact_hashes(rows: np.ndarray) -> list[int | None]:
                 """Full-decode hashes of rows near the threshold; they also replace the draft ones."""
-                found = self._exact_hashes(ctx, [(row_shard[have[r]], keys[have[r]]) for r in rows])
-                for r, value in zip(rows, found):
-                    phash[have[r]] = hash_hex(value, bits) if value is not None else phash[have[r]]
+                where = have[rows]
+                found = self._exact_hashes(ctx, list(zip([shards[i] for i in columns.shard_of[where]],
+                                                         keys.take(pa.array(where)).to_pylist())))
+                for row, value in zip(where, found):
+                    if value is not None:
+                        phash[row] = value
                 return found
 
-            found = refined_pairs(values, settings.threshold, exact_hashes)
+            found = refined_pairs(phash[have], settings.threshold, exact_hashes)
             pairs.append(have[found] if len(found) else found)
-        labels = connected_components(len(keys), np.concatenate(pairs) if pairs else np.zeros((0, 2)))
-        pixels = pc.multiply(table.column("width"), table.column("height")).to_numpy(zero_copy_only=False)
-        quality = self._fidelity(ctx, labels, row_shard, keys)
-        rank = keep_order(pixels, table.column("similarity").to_numpy(zero_copy_only=False), keys, quality)
+        labels = connected_components(n, np.concatenate(pairs) if pairs else np.zeros((0, 2)))
+        rank = keep_order(columns.pixels, columns.similarity, ranks(keys), self._fidelity_rank(ctx, columns, labels))
         keep, dup_index = choose_kept(labels, -rank)
-        kept = np.where(keep, np.arange(len(keys)), dup_index)
-        digests = table.column("sha256").to_pylist()
-        reasons, details, dup_of = [], [], []
-        for index, winner in enumerate(kept):
-            if winner == index:
-                reasons.append(None), details.append(None), dup_of.append(None)
-                continue
-            dup_of.append(keys[winner])
-            if digests[index] == digests[winner]:
-                reasons.append("exact_dup")
-                details.append(f"same sha256 as {keys[winner]}")
+        dropped = np.flatnonzero(~keep)
+        winners = dup_index[dropped]
+        dup_keys = keys.take(pa.array(winners))
+        same_digest = (columns.sha256_valid[dropped] & columns.sha256_valid[winners]
+                       & np.all(columns.sha256[dropped] == columns.sha256[winners], axis=1))
+        both_hashed = have_phash[dropped] & have_phash[winners]
+        distance = pc.cast(pa.array(_popcount(phash[dropped] ^ phash[winners]).astype(np.int64)), pa.string())
+        detail = pc.if_else(same_digest, pc.binary_join_element_wise("same sha256 as ", dup_keys, ""),
+                            pc.if_else(both_hashed,
+                                       pc.binary_join_element_wise(f"{settings.algorithm} distance ", distance,
+                                                                   " to ", dup_keys, ""),
+                                       pc.binary_join_element_wise("in the duplicate group of ", dup_keys, "")))
+        reason = pc.if_else(same_digest, "exact_dup", "near_dup")
+        return decision_table(keys, at_rows(n, dropped, reason), at_rows(n, dropped, detail),
+                              at_rows(n, dropped, dup_keys), phash=uint64_to_hex(phash, have_phash, width))
+
+
+class _Columns:
+    """What dedup's decision needs of every row, read one shard at a time into fixed-width arrays: the keys
+    (Arrow), each SHA-256 as four 64-bit words, the draft perceptual hash, pixels, similarity and the shard."""
+
+    def __init__(self, shards, keys, sha256, sha256_valid, phash, phash_valid, pixels, similarity, shard_of):
+        self.shards, self.keys, self.shard_of = shards, keys, shard_of
+        self.sha256, self.sha256_valid, self.phash, self.phash_valid = sha256, sha256_valid, phash, phash_valid
+        self.pixels, self.similarity = pixels, similarity
+
+    @classmethod
+    def read(cls, source: StageDir, measures: StageDir | None, shards: list[str]) -> "_Columns":
+        keys, words, digest_valid, hashes, hash_valid, pixels, similarity, sizes = ([] for _ in range(8))
+        for shard in shards:
+            part = source.read(shard, columns=["key", "sha256", "width", "height", "similarity"])
+            keys.append(part.column("key").combine_chunks().cast(pa.string()))
+            digests = part.column("sha256").to_pylist()
+            shard_words = [hex_to_uint64(digests, 16 * k) for k in range(4)]
+            words.append(np.stack([w for w, _ in shard_words], axis=1))
+            digest_valid.append(shard_words[0][1])
+            if measures is not None:
+                measured = measures.read(shard)
+                if not measured.column("key").equals(part.column("key")):
+                    raise RuntimeError(f"dedup's hashes of shard {shard} are not in its rows' order; "
+                                       f"remove {measures.path} and run the build again")
+                value, valid = hex_to_uint64(measured.column("phash").to_pylist())
             else:
-                distance = hamming(int(phash[index], 16), int(phash[winner], 16)) \
-                    if phash[index] and phash[winner] else None
-                reasons.append("near_dup")
-                details.append(f"{settings.algorithm} distance {distance} to {keys[winner]}"
-                               if distance is not None else f"in the duplicate group of {keys[winner]}")
-        return decision_table(keys, reasons, details, dup_of, phash=pa.array(phash, pa.string()))
+                value, valid = np.zeros(part.num_rows, np.uint64), np.zeros(part.num_rows, bool)
+            hashes.append(value), hash_valid.append(valid)
+            pixels.append(pc.multiply(part.column("width"), part.column("height")).to_numpy(zero_copy_only=False)
+                          .astype(np.float64))
+            similarity.append(part.column("similarity").to_numpy(zero_copy_only=False).astype(np.float64))
+            sizes.append(part.num_rows)
+
+        def joined(arrays, dtype, shape=()):
+            return np.concatenate(arrays) if arrays else np.zeros((0, *shape), dtype)
+
+        return cls(shards, pa.chunked_array(keys, pa.string()), joined(words, np.uint64, (4,)),
+                   joined(digest_valid, bool), joined(hashes, np.uint64), joined(hash_valid, bool),
+                   joined(pixels, np.float64), joined(similarity, np.float64),
+                   np.repeat(np.arange(len(shards), dtype=np.int32), sizes))

@@ -11,11 +11,11 @@ cluster-size histogram.
 from __future__ import annotations
 
 import os
-from collections import Counter
 from dataclasses import asdict
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from densefusion_hf.models import ImageTextEmbedder
@@ -23,17 +23,15 @@ from densefusion_hf.recipe import Recipe
 from densefusion_hf.stages.selection import cluster_size_histogram, random_subset, select
 from densefusion_hf.stages.shards import StageDir, atomic_write_json, temporary_name
 from densefusion_hf.stages.base import BuildContext, GlobalStage, decision_table
-from densefusion_hf.stages.embed import load_embeddings
+from densefusion_hf.stages.columnar import at_rows, ranks
+from densefusion_hf.stages.embed import embedding_paths, load_embeddings
 from densefusion_hf.stages.ingest import filter_reason
 
 
-def category_scores(ctx: BuildContext, keys: list[str]) -> tuple[list[str], np.ndarray]:
-    """(best category per row, its cosine similarity) from the recipe's category prompts."""
+def category_prototypes(ctx: BuildContext) -> tuple[list[str], np.ndarray]:
+    """(category names, the unit mean embedding of each category's prompts), also saved beside the selection
+    so the category vectors can be inspected or reused."""
     settings = ctx.recipe.select
-    embed_dir = ctx.stage_dir("embed")
-    all_keys, embeddings = load_embeddings(ctx.workdir, embed_dir.done_shards())
-    position = {k: i for i, k in enumerate(all_keys)}
-    images = embeddings[[position[k] for k in keys]]
     embedder = ImageTextEmbedder(ctx.recipe.embed.model, ctx.workdir, ctx.recipe.embed.device,
                                  ctx.recipe.embed.dtype)
     names, prototypes = [], []
@@ -43,7 +41,6 @@ def category_scores(ctx: BuildContext, keys: list[str]) -> tuple[list[str], np.n
         prototypes.append(mean / max(np.linalg.norm(mean), 1e-12))
         names.append(category.name)
     prototypes = np.stack(prototypes)
-    # Kept beside the selection so the category vectors can be inspected or reused.
     out = ctx.stage_dir("select").path
     tmp = temporary_name(out / "category_emb.npy")
     with open(tmp, "wb") as handle:
@@ -51,11 +48,37 @@ def category_scores(ctx: BuildContext, keys: list[str]) -> tuple[list[str], np.n
     os.replace(tmp, out / "category_emb.npy")
     atomic_write_json(out / "categories.json", {"names": names, "model": ctx.recipe.embed.model,
                                                 "prompts": {c.name: c.prompts for c in settings.categories}})
-    similarity = images @ prototypes.T
-    best = similarity.argmax(axis=1)
-    score = similarity[np.arange(len(keys)), best]
-    labels = [names[b] if s >= settings.category_threshold else "other" for b, s in zip(best, score)]
-    return labels, score.astype(np.float32)
+    return names, prototypes
+
+
+def shard_embeddings(ctx: BuildContext, shard: str, keys: list[str]) -> np.ndarray:
+    """The embeddings of ``keys`` (rows of ``shard``), from embed's file for the same shard; rows it lacks are
+    looked up in every embed shard (slow, and only for work directories whose shards were renamed)."""
+    emb_path, meta_path = embedding_paths(ctx.workdir, shard)
+    found: dict[str, int] = {}
+    block = np.zeros((0, 0), np.float32)
+    if emb_path.exists() and meta_path.exists():
+        block = np.load(emb_path, mmap_mode="r")
+        found = {k: i for i, k in enumerate(pq.read_table(meta_path, columns=["key"]).column("key").to_pylist())}
+    if all(k in found for k in keys):
+        return np.asarray(block[[found[k] for k in keys]], dtype=np.float32)
+    all_keys, everything = load_embeddings(ctx.workdir, ctx.stage_dir("embed").done_shards())
+    position = {k: i for i, k in enumerate(all_keys)}
+    return everything[[position[k] for k in keys]]
+
+
+def _scores(part: pa.Table, rank_by: str) -> np.ndarray:
+    """Higher is better; unknown is NaN.  Without clusters, 'centroid' falls back to the similarity score."""
+    def floats(column):
+        return part.column(column).to_numpy(zero_copy_only=False).astype(np.float64)
+
+    if rank_by == "resolution":
+        return floats("width") * floats("height")
+    similarity = floats("similarity")
+    if rank_by == "centroid" and "centroid_similarity" in part.column_names:
+        centroid = floats("centroid_similarity")
+        return np.where(np.isnan(centroid), similarity, centroid)
+    return similarity
 
 
 class Select(GlobalStage):
@@ -67,67 +90,90 @@ class Select(GlobalStage):
             params["embed_model"] = recipe.embed.model
         return params
 
-    @staticmethod
-    def _score(row: dict, rank_by: str) -> float:
-        """Higher is better. Without clusters, 'centroid' falls back to the similarity score."""
-        if rank_by == "resolution":
-            return float(row["width"] * row["height"])
-        if rank_by == "centroid" and row.get("centroid_similarity") is not None:
-            return row["centroid_similarity"]
-        return row["similarity"] if row.get("similarity") is not None else float("nan")
-
     def decide(self, ctx: BuildContext, source: StageDir, shards: list[str]) -> pa.Table:
+        """Read one shard at a time into columns (filters and categories are decided there, so only their
+        results are held), then select over the columns of every row."""
         settings = ctx.recipe.select
         columns = ["key", "width", "height", "similarity", "punsafe", "pwatermark"]
         schema_names = set(pq.read_schema(source.shard_path(shards[0])).names) if shards else set()
         columns += [c for c in ("cluster", "centroid_similarity") if c in schema_names]
-        table = pa.concat_tables([source.read(s, columns=columns) for s in shards]) if shards else None
-        rows = table.to_pylist() if table is not None else []
-        keys = [r["key"] for r in rows]
+        names, prototypes = category_prototypes(ctx) if settings.categories else ([], None)
+        other = len(names)  # the category code of "other"
+        keys, score, cluster, category, category_score, filtered, filter_reasons, filter_details = \
+            ([] for _ in range(8))
+        offset = 0
+        for shard in shards:
+            part = source.read(shard, columns=columns)
+            rejected = [(i, r) for i, r in enumerate(filter_reason(row, settings, size_source="decoded")
+                                                     for row in part.to_pylist()) if r]
+            filtered.append(np.array([i for i, _ in rejected], np.int64) + offset)
+            filter_reasons.append(pa.array([r[0] for _, r in rejected], pa.string()))
+            filter_details.append(pa.array([r[1] for _, r in rejected], pa.string()))
+            keys.append(part.column("key").combine_chunks().cast(pa.string()))
+            score.append(_scores(part, settings.rank_by))
+            if "cluster" in schema_names:
+                cluster.append(part.column("cluster").to_numpy(zero_copy_only=False).astype(np.int64))
+            codes = np.full(part.num_rows, other, np.int16)
+            best_score = np.full(part.num_rows, np.nan, np.float32)
+            candidates = np.setdiff1d(np.arange(part.num_rows), filtered[-1] - offset)
+            if prototypes is not None and len(candidates):
+                similarity = shard_embeddings(ctx, shard, part.column("key").take(pa.array(candidates)).to_pylist()) \
+                    @ prototypes.T
+                best = similarity.argmax(axis=1)
+                best_score[candidates] = similarity[np.arange(len(candidates)), best]
+                codes[candidates] = np.where(best_score[candidates] >= settings.category_threshold, best, other)
+            category.append(codes), category_score.append(best_score)
+            offset += part.num_rows
 
-        reasons: list[str | None] = [None] * len(rows)
-        details: list[str | None] = [None] * len(rows)
-        for i, row in enumerate(rows):
-            rejected = filter_reason(row, settings, size_source="decoded")
-            if rejected:
-                reasons[i], details[i] = rejected
-        candidates = [i for i in range(len(rows)) if reasons[i] is None]
+        def joined(arrays, dtype):
+            return np.concatenate(arrays) if arrays else np.zeros(0, dtype)
 
-        categories = ["other"] * len(rows)
-        category_score = [None] * len(rows)
-        if settings.categories and candidates:
-            labels, scores = category_scores(ctx, [keys[i] for i in candidates])
-            for i, label, score in zip(candidates, labels, scores):
-                categories[i], category_score[i] = label, float(score)
-
-        score = np.array([self._score(rows[i], settings.rank_by) for i in candidates], dtype=np.float64)
-        clusters = (np.array([rows[i]["cluster"] for i in candidates], np.int64)
-                    if "cluster" in schema_names else None)
-        result = select([keys[i] for i in candidates], score, clusters, [categories[i] for i in candidates],
+        keys = pa.chunked_array(keys, pa.string())
+        n = len(keys)
+        category_names = pa.array(names + ["other"], pa.string())
+        category, category_score = joined(category, np.int16), joined(category_score, np.float32)
+        filtered = joined(filtered, np.int64)
+        candidates = np.setdiff1d(np.arange(n), filtered)
+        clusters = joined(cluster, np.int64) if "cluster" in schema_names else None
+        result = select(ranks(keys)[candidates], joined(score, np.float64)[candidates],
+                        clusters[candidates] if clusters is not None else None,
+                        category_names.take(pa.array(category[candidates])),
                         top_per_cluster=settings.top_per_cluster, target_size=settings.target_size,
                         min_share={c.name: c.min_share for c in settings.categories if c.min_share},
                         max_share={c.name: c.max_share for c in settings.categories if c.max_share is not None})
-        cluster_rank = [None] * len(rows)
-        for j, i in enumerate(candidates):
-            reasons[i], details[i], cluster_rank[i] = result.reasons[j], result.details[j], int(result.cluster_rank[j])
-
+        left_out = np.flatnonzero(~result.selected)
+        rows = np.concatenate([filtered, candidates[left_out]])
+        reasons = pa.concat_arrays(filter_reasons + [result.reasons.take(pa.array(left_out))])
+        details = pa.concat_arrays(filter_details + [result.details.take(pa.array(left_out))])
+        chosen = candidates[result.selected]
         if settings.subset is not None:
-            chosen = [i for i in range(len(rows)) if reasons[i] is None]
-            in_subset = random_subset([keys[i] for i in chosen], settings.subset.size, settings.subset.seed)
-            for i, inside in zip(chosen, in_subset):
-                if not inside:
-                    reasons[i] = "not_in_subset"
-                    details[i] = f"outside the random subset of {settings.subset.size} (seed {settings.subset.seed})"
-
-        kept = [i for i in range(len(rows)) if reasons[i] is None]
+            outside = chosen[~random_subset(keys.take(pa.array(chosen)), settings.subset.size, settings.subset.seed)]
+            rows = np.concatenate([rows, outside])
+            reasons = pa.concat_arrays([reasons, pa.array(["not_in_subset"] * len(outside), pa.string())])
+            details = pa.concat_arrays([details, pa.array(
+                [f"outside the random subset of {settings.subset.size} (seed {settings.subset.seed})"] * len(outside),
+                pa.string())])
+            chosen = np.setdiff1d(chosen, outside)
+        cluster_rank = np.zeros(n, np.int64)
+        cluster_rank[candidates] = result.cluster_rank
+        is_candidate = np.zeros(n, dtype=bool)
+        is_candidate[candidates] = True
         atomic_write_json(ctx.stage_dir(self.name).path / "summary.json", {
-            "rows_in": len(rows), "rows_selected": len(kept),
-            "dropped": dict(Counter(r for r in reasons if r).most_common()),
-            "categories": dict(Counter(categories[i] for i in kept).most_common()),
-            "cluster_sizes": cluster_size_histogram(clusters) if clusters is not None else [],
+            "rows_in": n, "rows_selected": len(chosen),
+            "dropped": _counts(reasons),
+            "categories": _counts(category_names.take(pa.array(category[chosen]))),
+            "cluster_sizes": cluster_size_histogram(clusters[candidates]) if clusters is not None else [],
             "unmet_minimums": result.unmet_minimums,
         })
-        return decision_table(keys, reasons, details,
-                              category=pa.array(categories, pa.string()),
-                              category_score=pa.array(category_score, pa.float32()),
-                              cluster_rank=pa.array(cluster_rank, pa.int64()))
+        return decision_table(keys, at_rows(n, rows, reasons), at_rows(n, rows, details),
+                              category=category_names.take(pa.array(category)),
+                              category_score=pa.array(category_score, pa.float32(),
+                                                      mask=~is_candidate if prototypes is not None else None)
+                              if prototypes is not None else pa.nulls(n, pa.float32()),
+                              cluster_rank=pa.array(cluster_rank, pa.int64(), mask=~is_candidate))
+
+
+def _counts(values: pa.Array) -> dict[str, int]:
+    """Occurrences of each value, most frequent first (ties by value)."""
+    counts = pc.value_counts(values).to_pylist() if len(values) else []
+    return dict(sorted(((c["values"], c["counts"]) for c in counts), key=lambda item: (-item[1], item[0])))

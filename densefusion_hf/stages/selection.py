@@ -18,25 +18,38 @@ import hashlib
 import math
 from dataclasses import dataclass, field
 
+from typing import Iterator
+
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from densefusion_hf.stages.columnar import at_rows, ranks
 
 
 @dataclass
 class SelectionResult:
     selected: np.ndarray                    # bool per row
-    reasons: list[str | None]               # why a row was left out (None when selected)
-    details: list[str | None]
+    reasons: pa.Array                       # why a row was left out (null when selected)
+    details: pa.Array
     cluster_rank: np.ndarray                # 0-based rank of each row inside its cluster
     unmet_minimums: dict[str, dict] = field(default_factory=dict)
 
 
-def rank_in_clusters(clusters: np.ndarray, scores: np.ndarray, keys: list[str]) -> np.ndarray:
+def _key_order(keys) -> np.ndarray:
+    """An int64 array that sorts as ``keys`` do (``keys`` given as strings, or already as such ranks)."""
+    if isinstance(keys, np.ndarray) and keys.dtype.kind in "iu":
+        return keys.astype(np.int64, copy=False)
+    return ranks(keys if isinstance(keys, (pa.Array, pa.ChunkedArray)) else pa.array(list(keys), pa.string()))
+
+
+def rank_in_clusters(clusters: np.ndarray, scores: np.ndarray, keys) -> np.ndarray:
     """0-based rank of each row in its cluster: higher score first, then smaller key."""
-    n = len(keys)
-    order = np.lexsort((np.asarray(keys, dtype=object).astype(str), -np.asarray(scores, np.float64),
-                        np.asarray(clusters)))
+    clusters = np.asarray(clusters)
+    n = len(clusters)
+    order = np.lexsort((_key_order(keys), -np.asarray(scores, np.float64), clusters))
     rank = np.empty(n, dtype=np.int64)
-    sorted_clusters = np.asarray(clusters)[order]
+    sorted_clusters = clusters[order]
     starts = np.ones(n, dtype=bool)
     starts[1:] = sorted_clusters[1:] != sorted_clusters[:-1]
     group_start = np.maximum.accumulate(np.where(starts, np.arange(n), 0))
@@ -44,67 +57,101 @@ def rank_in_clusters(clusters: np.ndarray, scores: np.ndarray, keys: list[str]) 
     return rank
 
 
-def select(keys: list[str], scores: np.ndarray, clusters: np.ndarray | None, categories: list[str],
-           *, top_per_cluster: int | None = None, target_size: int | None = None,
+def _running_count(codes: np.ndarray) -> np.ndarray:
+    """For each position, how many earlier positions hold the same code."""
+    order = np.argsort(codes, kind="stable")
+    sorted_codes = codes[order]
+    starts = np.ones(len(codes), dtype=bool)
+    starts[1:] = sorted_codes[1:] != sorted_codes[:-1]
+    position = np.arange(len(codes))
+    count = np.empty(len(codes), dtype=np.int64)
+    count[order] = position - np.maximum.accumulate(np.where(starts, position, 0))
+    return count
+
+
+def select(keys, scores: np.ndarray, clusters: np.ndarray | None, categories, *,
+           top_per_cluster: int | None = None, target_size: int | None = None,
            min_share: dict[str, float] | None = None, max_share: dict[str, float] | None = None
            ) -> SelectionResult:
-    n = len(keys)
+    """The rules of the module docstring over columns: ``keys`` (strings or ranks sorting as they do) and
+    ``categories`` (strings) may be lists or Arrow arrays; nothing per row is a Python object."""
     scores = np.nan_to_num(np.asarray(scores, np.float64), nan=-np.inf)
+    n = len(scores)
     clusters = np.zeros(n, np.int64) if clusters is None else np.asarray(clusters, np.int64)
-    rank = rank_in_clusters(clusters, scores, keys) if n else np.zeros(0, np.int64)
-    reasons: list[str | None] = [None] * n
-    details: list[str | None] = [None] * n
-    if top_per_cluster is not None:
-        for i in np.flatnonzero(rank >= top_per_cluster):
-            reasons[i] = "cluster_rank"
-            details[i] = f"rank {rank[i] + 1} in cluster {clusters[i]}; the best {top_per_cluster} are kept"
-    pool = [i for i in range(n) if reasons[i] is None]
-    pool.sort(key=lambda i: (rank[i], -scores[i], keys[i]))
+    key_order = _key_order(keys) if n else np.zeros(0, np.int64)
+    rank = rank_in_clusters(clusters, scores, key_order) if n else np.zeros(0, np.int64)
+    encoded = pc.dictionary_encode(pa.array(categories, pa.string()) if not isinstance(
+        categories, (pa.Array, pa.ChunkedArray)) else categories)
+    if isinstance(encoded, pa.ChunkedArray):
+        encoded = encoded.combine_chunks()
+    names = encoded.dictionary.to_pylist()
+    code = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+    code_of = {name: i for i, name in enumerate(names)}
+
+    dropped_rank = np.flatnonzero(rank >= top_per_cluster) if top_per_cluster is not None else np.zeros(0, np.int64)
+    in_pool = np.ones(n, dtype=bool)
+    in_pool[dropped_rank] = False
+    pool = np.flatnonzero(in_pool)
+    pool = pool[np.lexsort((key_order[pool], -scores[pool], rank[pool]))]  # best rank first, then score, key
     target = len(pool) if target_size is None else min(target_size, len(pool))
     minimum = {c: math.ceil(s * target) for c, s in (min_share or {}).items()}
     maximum = {c: math.floor(s * target) for c, s in (max_share or {}).items()}
+    cap = np.full(len(names), np.iinfo(np.int64).max, dtype=np.int64)
+    for name, limit in maximum.items():
+        if name in code_of:
+            cap[code_of[name]] = limit
 
-    chosen: set[int] = set()
-    count: dict[str, int] = {}
+    chosen = np.zeros(n, dtype=bool)
+    count = np.zeros(len(names), dtype=np.int64)
+    for name, wanted in minimum.items():  # served first, best rows of the category up to its minimum
+        take = min(wanted, maximum.get(name, wanted), target - int(count.sum()))
+        if name in code_of and take > 0:
+            members = pool[code[pool] == code_of[name]][:take]
+            chosen[members] = True
+            count[code_of[name]] += len(members)
+    rest = pool[~chosen[pool]]  # then the rest in order, each category while it has room, up to the target
+    room = count[code[rest]] + _running_count(code[rest]) < cap[code[rest]]
+    picked = rest[room][:max(0, target - int(count.sum()))]
+    chosen[picked] = True
+    count += np.bincount(code[picked], minlength=len(names))
 
-    def room(category: str) -> bool:
-        return category not in maximum or count.get(category, 0) < maximum[category]
-
-    for category, wanted in minimum.items():
-        for i in pool:
-            if count.get(category, 0) >= min(wanted, maximum.get(category, wanted)) or len(chosen) >= target:
-                break
-            if categories[i] == category and i not in chosen:
-                chosen.add(i)
-                count[category] = count.get(category, 0) + 1
-    for i in pool:
-        if len(chosen) >= target:
-            break
-        if i not in chosen and room(categories[i]):
-            chosen.add(i)
-            count[categories[i]] = count.get(categories[i], 0) + 1
-    for i in pool:
-        if i in chosen:
-            continue
-        if not room(categories[i]):
-            reasons[i] = "category_quota"
-            details[i] = f"category {categories[i]} is full ({maximum[categories[i]]} rows)"
-        else:
-            reasons[i] = "target_size"
-            details[i] = f"beyond the target of {target} rows"
-    unmet = {c: {"wanted": w, "selected": count.get(c, 0)} for c, w in minimum.items() if count.get(c, 0) < w}
-    selected = np.zeros(n, dtype=bool)
-    selected[list(chosen)] = True
-    return SelectionResult(selected, reasons, details, rank, unmet)
+    left = rest[~chosen[rest]]
+    full = count[code[left]] >= cap[code[left]]
+    quota, beyond = left[full], left[~full]
+    cap_text = pa.array([str(c) for c in cap], pa.string())
+    rank_details = pc.binary_join_element_wise(
+        "rank ", pc.cast(pa.array(rank[dropped_rank] + 1), pa.string()), " in cluster ",
+        pc.cast(pa.array(clusters[dropped_rank]), pa.string()), f"; the best {top_per_cluster} are kept", "")
+    quota_details = pc.binary_join_element_wise(
+        "category ", encoded.dictionary.take(pa.array(code[quota])), " is full (",
+        cap_text.take(pa.array(code[quota])), " rows)", "")
+    beyond_details = pa.array([f"beyond the target of {target} rows"] * len(beyond), pa.string())
+    rows = np.concatenate([dropped_rank, quota, beyond]).astype(np.int64)
+    reasons = pa.array(np.repeat(["cluster_rank", "category_quota", "target_size"],
+                                 [len(dropped_rank), len(quota), len(beyond)]).tolist(), pa.string())
+    details = pa.concat_arrays([rank_details, quota_details, beyond_details])
+    unmet = {c: {"wanted": w, "selected": int(count[code_of[c]]) if c in code_of else 0}
+             for c, w in minimum.items() if (int(count[code_of[c]]) if c in code_of else 0) < w}
+    return SelectionResult(chosen, at_rows(n, rows, reasons), at_rows(n, rows, details), rank, unmet)
 
 
-def random_subset(keys: list[str], size: int, seed: int) -> np.ndarray:
+def _strings(keys) -> Iterator[str]:
+    """The keys as Python strings, a bounded slice at a time when they are an Arrow column."""
+    if not isinstance(keys, (pa.Array, pa.ChunkedArray)):
+        yield from keys
+        return
+    for chunk in (keys.chunks if isinstance(keys, pa.ChunkedArray) else [keys]):
+        for start in range(0, len(chunk), 65536):
+            yield from chunk.slice(start, 65536).to_pylist()
+
+
+def random_subset(keys, size: int, seed: int) -> np.ndarray:
     """A seeded subset of ``size`` keys, as a mask.  It depends only on the keys and the seed, so the same
     selection gives the same subset, and a smaller subset is contained in a larger one."""
-    digests = [hashlib.blake2b(f"{seed}:{k}".encode(), digest_size=8).digest() for k in keys]
-    order = sorted(range(len(keys)), key=lambda i: digests[i])
+    digests = np.fromiter((int.from_bytes(hashlib.blake2b(f"{seed}:{k}".encode(), digest_size=8).digest(), "big")
+                           for k in _strings(keys)), dtype=np.uint64, count=len(keys))
     mask = np.zeros(len(keys), dtype=bool)
-    mask[order[:size]] = True
+    mask[np.argsort(digests, kind="stable")[:size]] = True
     return mask
 
 

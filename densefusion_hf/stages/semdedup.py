@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 from densefusion_hf.dedup.semantic import assign_to_centroids, choose_kept, duplicate_groups, train_centroids
 from densefusion_hf.recipe import Recipe
 from densefusion_hf.stages.base import BuildContext, GlobalStage, decision_table
+from densefusion_hf.stages.columnar import at_rows
 from densefusion_hf.stages.embed import ShardedEmbeddings, embedding_paths
 from densefusion_hf.stages.shards import StageDir, temporary_name
 
@@ -129,25 +130,33 @@ class SemDedup(GlobalStage):
 
     def decide(self, ctx: BuildContext, source: StageDir, shards: list[str]) -> pa.Table:
         _, assigned, groups_dir = self._paths(ctx)
-        parts = [assigned.read(s) for s in shards]
+        parts = []
+        for shard in shards:  # one shard's keys at a time: the rows and their assignments must be in step
+            part = assigned.read(shard)
+            if not part.column("key").equals(source.read(shard, columns=["key"]).column("key")):
+                raise RuntimeError(f"the embeddings of shard {shard} and its rows are out of step; "
+                                   f"rebuild embed with --fresh")
+            parts.append(part)
         table = pa.concat_tables(parts) if parts else ASSIGN_SCHEMA.empty_table()
-        upstream_keys = [k for s in shards for k in source.read(s, columns=["key"]).column("key").to_pylist()]
-        keys = table.column("key").to_pylist()
-        assert keys == upstream_keys, "embeddings and rows are out of step; rebuild embed with --fresh"
-        if not keys:
-            return decision_table([], [], [], cluster=pa.array([], pa.int64()),
-                                  centroid_similarity=pa.array([], pa.float32()))
-        offset = dict(zip(shards, np.cumsum([0] + [p.num_rows for p in parts]).tolist()))
-        cluster = table.column("cluster").to_numpy()
-        reasons, details, dup_of = [None] * len(keys), [None] * len(keys), [None] * len(keys)
-        for path in sorted(groups_dir.glob("group-*.parquet")):
-            for found in pq.read_table(path).to_pylist():
-                index, winner = offset[found["shard"]] + found["row"], offset[found["dup_shard"]] + found["dup_row"]
-                reasons[index] = "semantic_dup"
-                details[index] = f"cosine {found['cosine']:.3f} to {keys[winner]} in cluster {int(cluster[index])}"
-                dup_of[index] = keys[winner]
-        return decision_table(keys, reasons, details, dup_of, cluster=table.column("cluster"),
-                              centroid_similarity=table.column("centroid_similarity"))
+        keys, n = table.column("key"), table.num_rows
+        start = dict(zip(shards, np.cumsum([0] + [p.num_rows for p in parts]).tolist()))
+        rows, details, winners = [np.zeros(0, np.int64)], [pa.array([], pa.string())], [np.zeros(0, np.int64)]
+        for path in sorted(groups_dir.glob("group-*.parquet")):  # the duplicates found, one group at a time
+            found = pq.read_table(path)
+            index = np.array([start[s] for s in found.column("shard").to_pylist()], np.int64) \
+                + found.column("row").to_numpy().astype(np.int64)
+            winner = np.array([start[s] for s in found.column("dup_shard").to_pylist()], np.int64) \
+                + found.column("dup_row").to_numpy().astype(np.int64)
+            cosine = pa.array([f"cosine {c:.3f}" for c in found.column("cosine").to_pylist()], pa.string())
+            details.append(pc.binary_join_element_wise(
+                cosine, " to ", keys.take(pa.array(winner)).combine_chunks(), " in cluster ",
+                pc.cast(table.column("cluster").take(pa.array(index)), pa.string()).combine_chunks(), ""))
+            rows.append(index), winners.append(winner)
+        rows, winners = np.concatenate(rows), np.concatenate(winners)
+        reasons = pa.array(["semantic_dup"] * len(rows), pa.string())
+        return decision_table(keys, at_rows(n, rows, reasons), at_rows(n, rows, pa.concat_arrays(details)),
+                              at_rows(n, rows, keys.take(pa.array(winners)).combine_chunks()),
+                              cluster=table.column("cluster"), centroid_similarity=table.column("centroid_similarity"))
 
     def has_outputs(self, ctx: BuildContext) -> bool:
         # Centroids trained with other settings must not be reused either.
