@@ -160,6 +160,13 @@ def bare_img2dataset(folder: Path, distributor: str = "multiprocessing") -> floa
     return seconds
 
 
+def rows_out(workdir: Path, stage: str) -> int:
+    """Rows the stage kept, from its shards' stats (a fetch that lost downloads would look fast)."""
+    if stage == "publish":
+        return sum(pq.ParquetFile(p).metadata.num_rows for p in (workdir / "dataset").rglob("*.parquet"))
+    return sum(json.loads(p.read_text()).get("rows_out", 0) for p in (workdir / stage).glob("shard-*.stats.json"))
+
+
 def run(n: int, runners: list[str], keep: Path | None) -> dict:
     from densefusion_hf.sample.server import SampleServer
 
@@ -177,9 +184,11 @@ def run(n: int, runners: list[str], keep: Path | None) -> dict:
             for stage in STAGES:
                 command = [sys.executable, "-m", "densefusion_hf", "build", str(recipe), "--workdir", str(workdir),
                            "--only", stage, "--no-progress", "--runner", runner]
+                load = os.getloadavg()[0]  # other work on the machine slows a stage: printed beside it
                 seconds, peak = measured(command, REPO)
                 stages[stage] = {"seconds": round(seconds, 2), "images_per_s": round(n / seconds, 1),
-                                 "peak_mb": round(peak / 1e6)}
+                                 "peak_mb": round(peak / 1e6), "load_before": round(load, 1),
+                                 "rows_out": rows_out(workdir, stage)}
             results[runner] = stages
     if keep is None:
         shutil.rmtree(folder, ignore_errors=True)
@@ -203,10 +212,13 @@ def main() -> None:
         print(f"\nN = {n:,}  bare img2dataset: {result['img2dataset_s']:.1f} s"
               + (f", with its Ray distributor: {result['img2dataset_ray_s']:.1f} s" if "img2dataset_ray_s" in result
                  else ""))
-        print(f"{'stage':<10}" + "".join(f"{r + ' s':>12}{'img/s':>9}{'peak MB':>9}" for r in runners))
+        print(f"{'stage':<10}" + "".join(f"{r + ' s':>12}{'img/s':>9}{'peak MB':>9}{'rows':>8}{'load':>6}"
+                                         for r in runners))
         for stage in STAGES:
             print(f"{stage:<10}" + "".join(f"{result[r][stage]['seconds']:>12.1f}{result[r][stage]['images_per_s']:>9.0f}"
-                                           f"{result[r][stage]['peak_mb']:>9}" for r in runners))
+                                           f"{result[r][stage]['peak_mb']:>9}{result[r][stage]['rows_out']:>8}"
+                                           f"{result[r][stage]['load_before']:>6.1f}" for r in runners))
+        print("(rows: kept by the stage; load: the machine's 1-minute load average as the stage started)")
         for r in runners:
             ratio = result[r]["fetch"]["seconds"] / result["img2dataset_s"]
             print(f"fetch / bare img2dataset ({r}): {ratio:.2f} (goal <= 1.10; each fetch includes the "
