@@ -210,6 +210,32 @@ def test_release_build_publishes_what_can_be_had_with_its_card_and_loads(hub_rel
     assert small == ["A GPT-4V caption of picture 0."]
 
 
+def test_a_zip_whose_sha256_does_not_match_is_downloaded_again_once_and_what_reads_is_used(
+        hub_release, fake_hub, tmp_path):
+    release, env = hub_release
+    damaged_zip = f"images/{FOLDER_1M}/000000.zip"
+    original = (release.folder / damaged_zip).read_bytes()
+    # The Hub's copy damaged after upload (one byte of the member that is not an image): its LFS pointer still
+    # names the original SHA-256, so every download of it mismatches.
+    damaged = bytearray(original)
+    damaged[damaged.index(release.rows[2]["member"]) + 5] ^= 0xFF
+    fake_hub.blobs.path(hashlib.sha256(original).hexdigest()).write_bytes(damaged)
+    fake_hub.reset_log()
+    workdir = tmp_path / "work"
+    result = run_cli("build", str(release_recipe(tmp_path)), "--workdir", str(workdir), "--no-progress", env=env)
+    assert result.returncode == 0, result.stderr + result.stdout
+
+    downloads = [d["path"] for d in fake_hub.request_log()["downloads"] if d["path"].endswith(".zip")]
+    present = sorted({r["zip"] for r in release.rows} - {f"images/{FOLDER_1M}/000003.zip"})
+    assert sorted(downloads) == sorted([*present, damaged_zip])          # that zip twice, every other one once
+    assert_exactly_what_can_be_had(release, workdir)   # its intact members read; the damaged one from its URL
+    table = card_table((workdir / "dataset" / "README.md").read_text())
+    assert table[damaged_zip][:3] == ["yes", "no", "ok"]
+    assert table[damaged_zip][3:] == [str(release.shards[damaged_zip][n]) for n in (
+        "rows", "read", "missing", "corrupt", "too_large", "repaired", "lost")]
+    assert all(table[path][1] == "yes" for path in present if path != damaged_zip)
+
+
 def _blobs(env: dict) -> Path:
     return Path(env["HF_HOME"]) / "hub" / f"datasets--{RELEASE_REPO.replace('/', '--')}" / "blobs"
 
