@@ -236,6 +236,28 @@ def test_a_zip_whose_sha256_does_not_match_is_downloaded_again_once_and_what_rea
     assert all(table[path][1] == "yes" for path in present if path != damaged_zip)
 
 
+def test_a_release_build_on_ray_publishes_the_local_runners_bytes(hub_release, tmp_path):
+    pytest.importorskip("ray")
+    release, env = hub_release
+    # Three fetch shards sharing zips (000001 and 000003 span two), run side by side on Ray.
+    recipe = release_recipe(tmp_path, rows_per_shard=4)
+    builds = {}
+    for runner in ("local", "ray"):
+        workdir = tmp_path / runner
+        result = run_cli("build", str(recipe), "--workdir", str(workdir), "--runner", runner, "--no-progress",
+                         env=env)
+        assert result.returncode == 0, result.stderr + result.stdout
+        folder = workdir / "dataset"
+        builds[runner] = {str(f.relative_to(folder)): f.read_bytes().replace(str(workdir).encode(), b"W")
+                          for f in sorted(folder.rglob("*")) if f.is_file()}
+    assert_exactly_what_can_be_had(release, tmp_path / "ray")
+    assert len(list((tmp_path / "ray" / "fetch").glob("shard-*.done"))) == 3
+    local, on_ray = builds["local"], builds["ray"]
+    assert sorted(on_ray) == sorted(local) and "README.md" in on_ray and any(n.endswith(".parquet") for n in on_ray)
+    for name in local:
+        assert on_ray[name] == local[name], name   # the card names its work directory only in its loading code
+
+
 def _blobs(env: dict) -> Path:
     return Path(env["HF_HOME"]) / "hub" / f"datasets--{RELEASE_REPO.replace('/', '--')}" / "blobs"
 
@@ -307,6 +329,31 @@ def test_an_interrupted_zip_download_is_resumed_not_restarted(hub_release, fake_
     assert run_python(fetch_zip, env).stdout.strip().splitlines()[-1] == expected
     ranges = [d["range"] for d in fake_hub.request_log()["downloads"] if d["path"] == zip_path]
     assert len(ranges) == 2 and ranges[0] is None and int(ranges[1][len("bytes="):-1]) >= 10 * 2**20
+
+
+def test_processes_wanting_the_same_zip_download_it_once_between_them(hub_release, fake_hub, tmp_path):
+    release, env = hub_release
+    zip_path = f"images/{FOLDER_1M}/000000.zip"
+    downloads = tmp_path / "work" / "release" / "downloads"
+    fetch_zip = textwrap.dedent(f"""
+        import hashlib
+        from pathlib import Path
+        from densefusion_hf.recipe import load_recipe
+        from densefusion_hf.release.repo import ReleaseRepo
+        repo = ReleaseRepo(load_recipe({str(release_recipe(tmp_path))!r}).source.release, Path({str(downloads)!r}))
+        print(hashlib.sha256(repo.file({zip_path!r}).read_bytes()).hexdigest())
+    """)
+    fake_hub.reset_log()
+    fake_hub.download_rate = 100_000   # bytes a second: the download lasts while the others start
+    children = [subprocess.Popen([sys.executable, "-c", fetch_zip], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    outputs = [child.communicate(timeout=120) for child in children]
+    fake_hub.download_rate = None
+    expected = hashlib.sha256((release.folder / zip_path).read_bytes()).hexdigest()
+    for child, (out, errors) in zip(children, outputs):
+        assert child.returncode == 0, errors[-3000:]
+        assert out.strip().splitlines()[-1] == expected
+    assert [d["path"] for d in fake_hub.request_log()["downloads"]].count(zip_path) == 1
 
 
 def test_a_caption_stage_on_a_release_writes_ours_beside_the_release_caption(mini_release, tmp_path):

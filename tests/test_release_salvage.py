@@ -123,7 +123,8 @@ def test_garbage_between_headers_stops_the_walk_and_keeps_what_was_indexed(tmp_p
     salvaged.close()
     got = _read_all(tmp_path / "z.zip", ["first.png", "second.png"])
     assert got["first.png"] == payloads["text.png"]
-    assert got["second.png"].reason == "corrupt_in_release" and "no local file header at byte" in got["second.png"].detail
+    second = got["second.png"]
+    assert second.reason == "corrupt_in_release" and "no local file header at byte" in second.detail
 
 
 def test_truncated_data_and_unknown_methods_say_what_is_wrong(tmp_path, payloads):
@@ -133,7 +134,8 @@ def test_truncated_data_and_unknown_methods_say_what_is_wrong(tmp_path, payloads
     (tmp_path / "cut.zip").write_bytes(blob[: blob.index(payloads["noise.png"]) + 5000])   # inside cut.png
     got = _read_all(tmp_path / "cut.zip", list(members))
     assert got["whole.png"] == payloads["text.png"]
-    assert got["cut.png"].reason == "corrupt_in_release" and "truncated: 5000 of its 70000 bytes" in got["cut.png"].detail
+    cut = got["cut.png"]
+    assert cut.reason == "corrupt_in_release" and "truncated: 5000 of its 70000 bytes" in cut.detail
 
     bz2 = truncate_central_directory(_zip({"b.png": (payloads["text.png"], zipfile.ZIP_BZIP2)}))
     (tmp_path / "bz2.zip").write_bytes(bz2)
