@@ -104,7 +104,7 @@ class ShardImages:
 
     def counts(self, kept_keys: set[str]) -> dict:
         """Per zip shard: rows, members read, missing, corrupt, over fetch's size limits, repaired from the URL,
-        lost; and the zip's check."""
+        lost; the zip's check, and its ``central_directory`` (``OpenZips.central_directory``)."""
         out: dict[str, dict] = {}
         for key, path in self.zip_of.items():
             entry = out.setdefault(path or "(no image path)", dict.fromkeys(COUNTS, 0))
@@ -119,6 +119,7 @@ class ShardImages:
             check = self.checks.get(path)
             entry["present"] = bool(check and check.present)
             entry["sha256_matches"] = check.sha256_matches if check else None
+            entry["central_directory"] = self.zips.central_directory(check) if check else None
         return out
 
     def close(self) -> None:

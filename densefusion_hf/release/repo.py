@@ -4,10 +4,12 @@ revision, or found in a local folder of the same layout.
 A build keeps its downloads in the work directory, written to ``NAME.partial`` and renamed when complete, so a
 download cut off (a dropped connection, or the build killed) goes on from the bytes it has when run again.
 huggingface_hub's own cache resumes only within one process: each process downloads into a file of its own.
+Processes that want the same file take turns on ``NAME.lock`` (flock, released when a process dies).
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 from pathlib import Path
 
@@ -58,13 +60,19 @@ class ReleaseRepo:
         if target.exists() and not force and (metadata.size is None or target.stat().st_size == metadata.size):
             return target
         target.parent.mkdir(parents=True, exist_ok=True)
-        partial = target.with_name(target.name + ".partial")
-        if force or (partial.exists() and metadata.size is not None and partial.stat().st_size > metadata.size):
-            partial.unlink(missing_ok=True)
-        with open(partial, "ab") as handle:
-            http_get(metadata.location or url, handle, resume_size=handle.tell(), headers=build_hf_headers(),
-                     expected_size=metadata.size, displayed_filename=Path(path).name)
-        os.replace(partial, target)
+        # Fetch shards run side by side (Ray) and can need the same zip: one process downloads it, the others
+        # wait and then find it complete, rather than appending to the same .partial file at once.
+        with open(target.with_name(target.name + ".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if target.exists() and not force and (metadata.size is None or target.stat().st_size == metadata.size):
+                return target
+            partial = target.with_name(target.name + ".partial")
+            if force or (partial.exists() and metadata.size is not None and partial.stat().st_size > metadata.size):
+                partial.unlink(missing_ok=True)
+            with open(partial, "ab") as handle:
+                http_get(metadata.location or url, handle, resume_size=handle.tell(), headers=build_hf_headers(),
+                         expected_size=metadata.size, displayed_filename=Path(path).name)
+            os.replace(partial, target)
         return target
 
     def lfs_sha256(self, path: str) -> str | None:

@@ -8,7 +8,8 @@ from densefusion_hf.release.images import COUNTS
 
 def release_summary(recipe: Recipe, fetch_stats: list[dict]) -> dict:
     """The release (repo, revision, config) and, per zip shard in name order: present, SHA-256 matches,
-    rows, members read, missing, corrupt, repaired from the URL, lost."""
+    central directory (ok, or broken and the members read from their local headers), rows, members read,
+    missing, corrupt, repaired from the URL, lost."""
     release = recipe.source.release
     shards: dict[str, dict] = {}
     for stats in fetch_stats:
@@ -17,6 +18,8 @@ def release_summary(recipe: Recipe, fetch_stats: list[dict]) -> dict:
             for name in COUNTS:
                 entry[name] += counts[name]
             entry["present"], entry["sha256_matches"] = counts["present"], counts["sha256_matches"]
+            # Every fetch shard opens the same file, so they agree; one that never opened it says None.
+            entry["central_directory"] = entry.get("central_directory") or counts.get("central_directory")
     return {"repo": release.repo, "revision": release.revision, "config": release.config,
             "caption_model": release.caption_model,
             "shards": [dict(zip=path, **shards[path]) for path in sorted(shards)],

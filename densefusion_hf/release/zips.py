@@ -1,5 +1,6 @@
 """A release's zip shards: each downloaded once, checked against the Hub's LFS SHA-256, and read a member at a
-time (the CRC checked by zipfile on every read), never extracted whole.
+time (the CRC checked by zipfile on every read), never extracted whole.  A zip that zipfile cannot open (its
+central directory broken) is read from its members' local file headers instead (``salvage``).
 
 A zip whose SHA-256 matches can still be damaged inside (the official release has such shards), so the
 digest decides nothing alone: a member that reads and decodes is used, whatever the digest said.
@@ -15,6 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from densefusion_hf.release.repo import ReleaseRepo
+from densefusion_hf.release.salvage import SalvagedZip, SalvageError
 from densefusion_hf.stages.shards import file_digest as file_sha256, temporary_name
 
 
@@ -73,22 +75,44 @@ class OpenZips:
     """The zips one fetch shard reads from, each opened once, closed together."""
 
     def __init__(self):
-        self._open: dict[str, zipfile.ZipFile | MemberError] = {}
+        self._open: dict[str, zipfile.ZipFile | SalvagedZip | MemberError] = {}
+        self._directory: dict[str, str] = {}   # zip path -> "ok" or "broken"; kept after close for the card
 
-    def _zip(self, check: ZipCheck) -> zipfile.ZipFile:
+    def _zip(self, check: ZipCheck) -> zipfile.ZipFile | SalvagedZip:
         if check.path not in self._open:
             if not check.present:
                 self._open[check.path] = MemberError("missing_in_release", f"{check.path} is not in the release")
             else:
-                try:
-                    self._open[check.path] = zipfile.ZipFile(check.local)
-                except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
-                    self._open[check.path] = MemberError(
-                        "corrupt_in_release", f"{check.path} does not open as a zip ({type(exc).__name__}: {exc})")
+                self._open[check.path] = self._opened(check)
+                opened = self._open[check.path]
+                self._directory[check.path] = ("ok" if isinstance(opened, zipfile.ZipFile) else
+                                               "broken" if isinstance(opened, SalvagedZip) else "unreadable")
         found = self._open[check.path]
         if isinstance(found, MemberError):
             raise found
         return found
+
+    @staticmethod
+    def _opened(check: ZipCheck) -> zipfile.ZipFile | SalvagedZip | MemberError:
+        try:
+            return zipfile.ZipFile(check.local)
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
+            refused = f"{type(exc).__name__}: {exc}"
+        try:
+            salvaged = SalvagedZip(check.local)
+        except OSError as exc:
+            return MemberError("corrupt_in_release", f"{check.path} does not open as a zip ({refused}; {exc})")
+        if not salvaged.members:
+            salvaged.close()
+            why = salvaged.stopped or "the file holds no local file header"
+            return MemberError("corrupt_in_release", f"{check.path} does not open as a zip ({refused}) and has "
+                                                     f"no member to salvage ({why})")
+        return salvaged
+
+    def central_directory(self, check: ZipCheck) -> str | None:
+        """"ok" when zipfile opened the zip, "broken" when it did not and its members are read from their local
+        headers, "unreadable" when neither could; None when the zip is absent or was never opened."""
+        return self._directory.get(check.path)
 
     def read(self, check: ZipCheck, member: str) -> bytes:
         """The member's bytes, CRC-checked; MemberError when it is absent or damaged."""
@@ -97,12 +121,16 @@ class OpenZips:
             return archive.read(member)
         except KeyError:
             raise MemberError("missing_in_release", f"{check.path} has no member {member}") from None
-        except (zipfile.BadZipFile, zlib.error, OSError, EOFError, ValueError, NotImplementedError) as exc:
+        except SalvageError as exc:
+            raise MemberError("corrupt_in_release", f"{check.path}: member {member} cannot be salvaged from its "
+                                                    f"local header (the central directory is broken): {exc}") from None
+        except (zipfile.BadZipFile, zlib.error, OSError, EOFError, ValueError, NotImplementedError,
+                RuntimeError) as exc:  # RuntimeError: an encrypted member
             raise MemberError("corrupt_in_release",
                               f"{check.path}: member {member} is damaged ({type(exc).__name__}: {exc})") from None
 
     def close(self) -> None:
         for archive in self._open.values():
-            if isinstance(archive, zipfile.ZipFile):
+            if not isinstance(archive, MemberError):
                 archive.close()
         self._open.clear()
