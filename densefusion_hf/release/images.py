@@ -57,11 +57,10 @@ class ShardImages:
             if path not in self.checks:
                 self.checks[path] = check_zip(repo, path, records)
             try:
-                data = self.zips.read(self.checks[path], member)
-                # fetch's limits hold for the release's images too, checked before anything decodes them
+                # fetch's limits hold for the release's images too: the size before reading, the pixels
+                # before anything decodes them
                 limits = recipe.fetch
-                if limits.max_bytes is not None and len(data) > limits.max_bytes:
-                    raise TooLarge(f"{len(data)} bytes > fetch.max_bytes {limits.max_bytes}")
+                data = self.zips.read(self.checks[path], member, limits.max_bytes)
                 check_pixels(data, limits.max_pixels)
                 info = inspect_image(data)   # the format comes from the bytes, not the .png name
             except TooLarge as exc:

@@ -15,6 +15,7 @@ import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from densefusion_hf.netguard.opener import TooLarge
 from densefusion_hf.release.repo import ReleaseRepo
 from densefusion_hf.release.salvage import SalvagedZip, SalvageError
 from densefusion_hf.stages.shards import file_digest as file_sha256, temporary_name
@@ -114,9 +115,17 @@ class OpenZips:
         headers, "unreadable" when neither could; None when the zip is absent or was never opened."""
         return self._directory.get(check.path)
 
-    def read(self, check: ZipCheck, member: str) -> bytes:
-        """The member's bytes, CRC-checked; MemberError when it is absent or damaged."""
+    def read(self, check: ZipCheck, member: str, max_bytes: int | None = None) -> bytes:
+        """The member's bytes, CRC-checked; MemberError when it is absent or damaged, TooLarge (before reading
+        anything) when the size its zip states is over ``max_bytes``."""
         archive = self._zip(check)
+        if max_bytes is not None:
+            if isinstance(archive, SalvagedZip):
+                stated = archive.members[member].size if member in archive.members else None
+            else:
+                stated = archive.NameToInfo[member].file_size if member in archive.NameToInfo else None
+            if stated is not None and stated > max_bytes:
+                raise TooLarge(f"{stated} bytes > fetch.max_bytes {max_bytes}")
         try:
             return archive.read(member)
         except KeyError:
