@@ -388,15 +388,35 @@ def open_source(path: str, config: str | None = None, revision: str | None = Non
         if revision is not None:
             raise UserError(f"--revision is for a Hub repo; {path} is a local folder.")
         if not local.is_dir():
-            raise UserError(f"{path} is a file; pass a work directory (with manifest.json), a published dataset "
-                            f"folder (with README.md and Parquet files) or a Hub dataset repo id (org/name).")
+            raise UserError(f"{path} is a file. {ACCEPTED}")
         return _open_workdir(local.resolve(), config, cache_dir) if (local / "manifest.json").exists() \
             else _open_folder(local.resolve(), config, cache_dir)
     repo = path[len("hf://datasets/"):] if path.startswith("hf://datasets/") else path
-    if _REPO_ID.match(repo) and not path.startswith((".", "/", "~")):
+    if _REPO_ID.match(repo) and (repo != path or not looks_like_a_path(path)):
         return _open_hub(repo, config, revision, cache_dir)
-    raise UserError(f"{path}: no such file or folder, and not a Hub dataset repo id (org/name). Pass a work "
-                    f"directory (the --workdir of `df-hf build`), a published dataset folder, or a repo id.")
+    raise UserError(f"{path}: no such file or folder{_missing_part(local)}. {ACCEPTED}")
+
+
+#: What PATH may be, for the messages that refuse one.
+ACCEPTED = ("Pass a work directory (the --workdir of `df-hf build`), a published dataset folder, or a Hub "
+            "dataset repo id ORG/NAME (hf://datasets/ORG/NAME when a local folder is named ORG).")
+
+
+def looks_like_a_path(path: str) -> bool:
+    """Whether PATH, which does not exist, was meant as a local path rather than a Hub repo id: it starts like
+    one, has more than one ``/``, or its first part exists here (``build/nope`` beside a ``build`` folder)."""
+    if path.startswith((".", "/", "~")) or path.count("/") > 1:
+        return True
+    first = path.split("/", 1)[0]
+    return bool(first) and Path(first).exists()
+
+
+def _missing_part(local: Path) -> str:
+    """ " (FOLDER exists, NAME does not)" for the deepest part of ``local`` that exists, if any."""
+    for parent in local.parents:
+        if str(parent) not in ("", ".") and parent.exists():
+            return f" ({parent} exists, {local.relative_to(parent)} does not)"
+    return ""
 
 
 def _open_workdir(workdir: Path, config: str | None, cache_dir: Path | None) -> Source:
