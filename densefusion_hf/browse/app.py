@@ -29,7 +29,7 @@ from starlette.staticfiles import StaticFiles
 
 from densefusion_hf import __version__
 from densefusion_hf.browse.images import ThumbnailCache, check_image, for_browser, placeholder_svg
-from densefusion_hf.browse.index import Filters, Index, highlight_pattern, parse_query
+from densefusion_hf.browse.index import Filters, Index, highlight_pattern, parse_query, query_note
 from densefusion_hf.browse.source import Source
 
 HERE = Path(__file__).parent
@@ -184,12 +184,16 @@ def create_app(source: Source, index: Index) -> Starlette:
             start = (page - 1) * per_page
             ids = list(range(start, min(start + per_page, total)))
         pages = max(1, math.ceil(total / per_page))
+        note = query_note(filters.q)
+        if note is None and filters.q and not waiting and total == source.num_rows > 1 \
+                and filters.params().keys() <= {"q", "in"}:  # a search this broad looks like a search ignored
+            note = f"Every row holds “{filters.q}”: the search matches all {total:,} rows."
         records = [browser.shaped(r) for r in source.rows(ids)]
         state = filters.params()
         if per_page != PER_PAGE:
             state["per_page"] = str(per_page)
         return browser.page("rows.html", request, filters=filters, state=state, rows=records, total=total,
-                            page=page, pages=pages, per_page=per_page, waiting=waiting,
+                            page=page, pages=pages, per_page=per_page, waiting=waiting, note=note,
                             highlight=highlighter(filters.q), facets=index.meta if browser.index_ready() else {})
 
     def row(request: Request):

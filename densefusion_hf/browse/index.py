@@ -114,25 +114,43 @@ _TERM = re.compile(r'"([^"]*)"|(\S+)')
 _TOKEN = re.compile(r"[^\W_]+", re.UNICODE)
 
 
+#: FTS5's operators. Between words they are dropped (every word must match anyway); a query made only of
+#: them searches them as the words they are, so ``AND`` alone finds the rows with "and", not every row.
+OPERATORS = ("AND", "OR", "NOT", "NEAR")
+
+
+def _terms(text: str) -> list[tuple[str, list[str], bool, bool]]:
+    """(as typed, tokens, prefix, is an operator) of each term of a search box's text that holds a word."""
+    terms = []
+    for quoted, bare in _TERM.findall(text or ""):
+        tokens = _TOKEN.findall(quoted or bare)
+        if tokens:
+            terms.append((quoted or bare, tokens, bool(bare) and bare.endswith("*"),
+                          bool(bare) and bare.upper() in OPERATORS))
+    return terms
+
+
 def parse_query(text: str) -> list[tuple[list[str], bool]]:
     """A search box's text as FTS5 phrases: (tokens, prefix) each; every phrase must match (AND).
-    ``"grand opening"`` is one phrase, ``coff*`` a prefix, other punctuation separates tokens."""
-    phrases = []
-    for quoted, bare in _TERM.findall(text or ""):
-        if quoted:
-            tokens = _TOKEN.findall(quoted)
-            if tokens:
-                phrases.append((tokens, False))
-            continue
-        prefix = bare.endswith("*")
-        tokens = _TOKEN.findall(bare)
-        if not tokens or bare.upper() in ("AND", "OR", "NOT", "NEAR"):
-            continue
-        if len(tokens) == 1:
-            phrases.append((tokens, prefix))
-        else:  # "2-for-1" is the phrase "2 for 1", as the tokenizer reads the text
-            phrases.append((tokens, prefix))
-    return phrases
+    ``"grand opening"`` is one phrase, ``coff*`` a prefix, other punctuation separates tokens
+    (``2-for-1`` is the phrase "2 for 1", as the tokenizer reads the text)."""
+    terms = _terms(text)
+    words = [(tokens, prefix) for _, tokens, prefix, operator in terms if not operator]
+    return words or [(tokens, False) for _, tokens, _, _ in terms]
+
+
+def query_note(text: str) -> str | None:
+    """What the page says when a query is not searched as its words read: None when it is."""
+    if not (text or "").strip():
+        return None
+    terms = _terms(text)
+    if not terms:
+        return f"“{text.strip()}” holds no word to search for, so no search is applied."
+    if all(operator for *_, operator in terms):
+        words = ", ".join(f"“{typed}”" for typed, *_ in terms)
+        return (f"Searched for {words} as {'a word' if len(terms) == 1 else 'words'}: the search box has no "
+                f"operators (every word must match).")
+    return None
 
 
 def fts_expression(phrases: list[tuple[list[str], bool]], column: str | None) -> str:
