@@ -119,10 +119,17 @@ class Browser:
     def index_ready(self) -> bool:
         return self.index.ready.is_set() and self.index.error is None
 
-    def find_row(self, key: str) -> int | None:
-        """The global row of ``key``: through the index, or by reading the key columns while it is built."""
+    def find_row(self, key: str, at: int | None = None) -> int | None:
+        """The global row of ``key``: through the index; while it is built, at ``at`` (the row a link names,
+        checked against its key: one row group read), else by reading the key columns."""
         if self.index_ready():
             return self.index.find_key(key)
+        if at is not None and 0 <= at < self.source.num_rows:
+            data, group, offset = self.source.locate(at)
+            if "key" not in data.columns:
+                return at if key == str(at) else None  # rows without keys are linked by their index
+            if self.source.group(data, group).column("key")[offset].as_py() == key:
+                return at
         import pyarrow.compute as pc
 
         for data in self.source.files:
@@ -199,7 +206,7 @@ def create_app(source: Source, index: Index) -> Starlette:
     def row(request: Request):
         key = request.path_params["key"]
         filters = Filters.from_query(request.query_params)
-        found = browser.find_row(key)
+        found = browser.find_row(key, _int_param(request, "at", -1, low=-1))
         if found is None:
             return browser.message(request, "No such row", f"No row has the key {key!r} in {source.describe()}.",
                                    404)
@@ -222,7 +229,7 @@ def create_app(source: Source, index: Index) -> Starlette:
             position, total = found, source.num_rows
             before = found - 1 if found > 0 else None
             after = found + 1 if found + 1 < total else None
-        neighbours = {name: source.rows([r])[0].get("key") or str(r) if r is not None else None
+        neighbours = {name: {"key": source.rows([r])[0].get("key") or str(r), "at": r} if r is not None else None
                       for name, r in (("prev", before), ("next", after))}
         experts = sorted({b["expert"] for b in record["boxes"]}, key=lambda e: (e != "detector", e != "open_set", e))
         back = dict(state, page=str(position // per_page + 1))
