@@ -8,6 +8,8 @@ import socket
 import pytest
 
 from tests.conftest import run_cli
+from tests.hub_fixtures import run_python
+from tests.test_browse import start_browse
 
 
 @pytest.fixture
@@ -38,3 +40,40 @@ def test_a_mistyped_path_is_refused_in_one_line_naming_it(tmp_path, dead_endpoin
     for accepted in ("work directory", "published dataset folder", "ORG/NAME"):
         assert accepted in lines[0]
     assert str(dead_endpoint) not in result.stderr  # never tried as a Hub repo
+
+
+# -- a Hub repo whose files cannot be read ------------------------------------------------------------------------
+
+@pytest.fixture
+def pushed(fake_hub, hub_env, tmp_path) -> str:
+    """A synthetic dataset of two Parquet files pushed to the fake Hub with huggingface_hub; its repo id."""
+    from densefusion_hf.testing.synthetic import write_synthetic
+
+    folder = write_synthetic(tmp_path / "synthetic", rows=40, files=2)
+    repo = "tester/browse-faults"
+    run_python(f"from huggingface_hub import HfApi\napi = HfApi()\n"
+               f"api.create_repo({repo!r}, repo_type='dataset')\n"
+               f"api.upload_folder(folder_path={str(folder)!r}, repo_id={repo!r}, repo_type='dataset')\n", hub_env)
+    return repo
+
+
+# 501 is a 5xx huggingface_hub does not retry; a hang-up it retries 5 times (about 23 s) before giving up.
+@pytest.mark.parametrize("answer, said", [(501, "HfHubHTTPError: Server error '501"),
+                                          ("hangup", "RemoteProtocolError: Server disconnected")])
+def test_a_hub_that_fails_reading_the_footers_gets_a_message_saying_what_to_do(fake_hub, hub_env, pushed, answer,
+                                                                              said, tmp_path):
+    fake_hub.fail_downloads(answer, paths="*.parquet")
+    result = run_cli("browse", pushed, "--cache-dir", str(tmp_path / "cache"), env=hub_env, timeout=180)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    message = result.stderr.strip().splitlines()[-1]  # after huggingface_hub's own lines on its retries
+    assert message.startswith(f"Error: {pushed}: cannot read the Parquet footer of synthetic/train-0000"), message
+    assert f"from {fake_hub.url} ({said}" in message and "Check the network and HF_ENDPOINT, then retry." in message
+    assert any("/resolve/" in r and r.endswith(".parquet") for r in fake_hub.request_log()["requests"])
+    fake_hub.fail_downloads(None)  # the Hub is back: the same command serves the repo
+    served = start_browse(pushed, "--cache-dir", str(tmp_path / "cache"), env=hub_env)
+    try:
+        status, _, body = served.get("/rows")
+        assert status == 200 and body.count(b'class="card"') == 40
+    finally:
+        code, output = served.stop()
+    assert code == 0 and "Hub dataset tester/browse-faults, config synthetic: 40 rows in 2 files" in output, output

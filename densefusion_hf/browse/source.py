@@ -24,6 +24,7 @@ import re
 import threading
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -104,29 +105,54 @@ class Source:
     def _open(self, path: str) -> pq.ParquetFile:
         with self._lock:
             handle = self._handles.get(path)
-            if handle is None:
-                if self.fs is None:
-                    handle = pq.ParquetFile(path, memory_map=True)
-                else:
-                    handle = pq.ParquetFile(self.fs.open(path, "rb", block_size=2 ** 20))
-                self._handles[path] = handle
-                self._locks[path] = threading.Lock()
+        if handle is not None:
             return handle
+        # opened outside the lock: opening reads the footer, over the network a few round trips per file
+        if self.fs is None:
+            handle = pq.ParquetFile(path, memory_map=True)
+        else:
+            handle = pq.ParquetFile(self.fs.open(path, "rb", block_size=2 ** 20))
+        with self._lock:
+            self._locks.setdefault(path, threading.Lock())
+            return self._handles.setdefault(path, handle)
 
     def _read(self, path: str, group: int, columns: list[str]) -> pa.Table:
-        handle = self._open(path)
-        with self._locks[path]:   # a ParquetFile over one file object reads one thing at a time
-            return handle.read_row_group(group, columns=columns)
+        with self._explained(path, f"row group {group}"):
+            handle = self._open(path)
+            with self._locks[path]:   # a ParquetFile over one file object reads one thing at a time
+                return handle.read_row_group(group, columns=columns)
+
+    @contextmanager
+    def _explained(self, path: str, what: str):
+        """A Hub that cannot be read (unreachable, an HTTP error, a connection reset, after huggingface_hub's
+        own retries) as a UserError naming the repo, the file and what to do."""
+        if self.fs is None:
+            yield
+            return
+        from huggingface_hub import errors
+
+        try:
+            yield
+        except (getattr(errors, "HTTPError", errors.HfHubHTTPError), OSError) as exc:
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            endpoint = getattr(self.fs, "endpoint", "the Hub")
+            raise UserError(f"{self.label}: cannot read {what} of {path[len(self.root) + 1:]} from {endpoint} "
+                            f"({type(exc).__name__}: {reason}). Check the network and HF_ENDPOINT, then "
+                            f"retry.") from None
 
     def _read_footers(self, paths: list[str]) -> list[DataFile]:
         def footer(path):
-            meta = self._open(path).metadata
-            return ([meta.row_group(i).num_rows for i in range(meta.num_row_groups)],
-                    self._open(path).schema_arrow.names)
+            with self._explained(path, "the Parquet footer"):
+                meta = self._open(path).metadata
+                return ([meta.row_group(i).num_rows for i in range(meta.num_row_groups)],
+                        self._open(path).schema_arrow.names)
 
         if len(paths) > 1:  # footers parse outside the GIL, and over the network they are round trips
-            with ThreadPoolExecutor(min(16 if self.fs is not None else 4, len(paths))) as pool:
+            pool = ThreadPoolExecutor(min(16 if self.fs is not None else 4, len(paths)))
+            try:
                 footers = list(pool.map(footer, paths))
+            finally:  # after an error, the files not started yet are not tried
+                pool.shutdown(cancel_futures=True)
         else:
             footers = [footer(p) for p in paths]
         files, start = [], 0
