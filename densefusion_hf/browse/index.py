@@ -12,7 +12,8 @@ SQLite's FTS5 ships with Python, so the index needs nothing installed; the full-
 the text (``content=''``), only what matching needs, and the matches are highlighted in the rows a page
 reads anyway.  The file is written under a temporary name and renamed when complete: a server stopped while
 indexing leaves no half index, and the next start builds it again.  Its name carries the data's fingerprint
-(file names, sizes and times, or the Hub commit), so a rebuilt dataset gets a new index.
+(file names, sizes and times, or the Hub commit) and, for a work directory, its done markers
+(``source.build_state``), so a rebuilt dataset, or a build that moved on, gets a new index.
 """
 
 from __future__ import annotations
@@ -194,7 +195,7 @@ class Index:
 
     def __init__(self, source: Source):
         self.source = source
-        self.path = Path(source.cache_dir) / f"index-v{INDEX_VERSION}-{source.fingerprint}.sqlite"
+        self.path = Path(source.cache_dir) / f"index-v{INDEX_VERSION}-{source.index_fingerprint}.sqlite"
         self.ready = threading.Event()
         self.error: str | None = None
         self.done_rows = 0

@@ -81,8 +81,11 @@ class Source:
 
     def __init__(self, *, kind: str, label: str, config: str | None, configs: list[str], root: str,
                  files: list[str], cache_dir: Path, fingerprint: str, fs=None, workdir: Path | None = None,
-                 stages: list[Stage] | None = None, join_images: bool = False, revision: str | None = None):
+                 stages: list[Stage] | None = None, join_images: bool = False, revision: str | None = None,
+                 build_state: str | None = None):
         self.kind, self.label, self.config, self.configs = kind, label, config, configs
+        self.build_state = build_state          # a work directory's done markers, when it was opened
+        self.opened_with: tuple | None = None   # open_source's arguments, to open it again when it changed
         self.root, self.fs, self.workdir, self.revision = root, fs, workdir, revision
         self.cache_dir, self.fingerprint = cache_dir, fingerprint
         self.stages = stages or []
@@ -283,6 +286,22 @@ class Source:
         raw = self.read_bytes("README.md")
         return split_card(raw.decode("utf-8", "replace")) if raw else ({}, "")
 
+    @property
+    def index_fingerprint(self) -> str:
+        """What the index depends on: the data files, and a work directory's finished shards (its drops)."""
+        if self.build_state is None:
+            return self.fingerprint
+        return hashlib.sha256(f"{self.fingerprint}\0{self.build_state}".encode()).hexdigest()[:16]
+
+    def changed(self) -> bool:
+        """Whether a work directory's build moved on since it was opened (a shard finished, a stage redone)."""
+        return self.build_state is not None and self.workdir is not None \
+            and build_state(self.workdir) != self.build_state
+
+    def reopen(self) -> "Source":
+        """A new Source over the same PATH, as it is now."""
+        return open_source(*self.opened_with)
+
     def describe(self) -> str:
         where = {"workdir": "work directory", "folder": "dataset folder", "hub": "Hub dataset"}[self.kind]
         config = f", config {self.config}" if self.config else ""
@@ -378,6 +397,22 @@ def _manifest(workdir: Path) -> dict:
         raise UserError(f"{workdir}/manifest.json cannot be read ({exc}); is {workdir} a work directory?") from None
 
 
+def build_state(workdir: Path) -> str:
+    """A digest of a work directory's done markers (name, size, time) and its manifest: it changes when a shard
+    finishes, is redone or removed, so a server started while the build runs sees its later rows and drops."""
+    from densefusion_hf.recipe import STAGE_ORDER
+
+    digest = hashlib.sha256()
+    for name in ("manifest.json", *(f"{stage}/{done}" for stage in STAGE_ORDER if (workdir / stage).is_dir()
+                                   for done in sorted(os.listdir(workdir / stage)) if done.endswith(".done"))):
+        try:
+            stat = os.stat(workdir / name)
+        except FileNotFoundError:  # removed while listed: the next look sees it gone
+            continue
+        digest.update(f"{name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
+
+
 def _workdir_stages(workdir: Path, manifest: dict) -> list[Stage]:
     """What ``df-hf status`` counts (``runners.status.collect_status``), read from the same stats files without
     importing the stages (and so torch, datasets and the models' libraries)."""
@@ -409,6 +444,12 @@ def open_source(path: str, config: str | None = None, revision: str | None = Non
                 cache_dir: Path | None = None) -> Source:
     """The Source for PATH (a work directory, a dataset folder or a Hub repo id); a UserError that says what
     was looked for when PATH is none of them."""
+    source = _open(path, config, revision, cache_dir)
+    source.opened_with = (path, config, revision, cache_dir)
+    return source
+
+
+def _open(path: str, config: str | None, revision: str | None, cache_dir: Path | None) -> Source:
     local = Path(path).expanduser()
     if local.exists():
         if revision is not None:
@@ -446,6 +487,7 @@ def _missing_part(local: Path) -> str:
 
 
 def _open_workdir(workdir: Path, config: str | None, cache_dir: Path | None) -> Source:
+    state = build_state(workdir)  # before reading: a shard finishing meanwhile is seen as a change later
     manifest = _manifest(workdir)
     recorded = ((manifest.get("stages") or {}).get("publish") or {}).get("dataset")
     folder = Path(recorded) if recorded else workdir / "dataset"
@@ -469,7 +511,8 @@ def _open_workdir(workdir: Path, config: str | None, cache_dir: Path | None) -> 
         folder = workdir
     fingerprint = _local_fingerprint(files, f"workdir\0{chosen}")
     return Source(kind="workdir", label=str(workdir), config=chosen, configs=configs, root=str(folder), files=files,
-                  cache_dir=cache, fingerprint=fingerprint, workdir=workdir, stages=stages, join_images=join)
+                  cache_dir=cache, fingerprint=fingerprint, workdir=workdir, stages=stages, join_images=join,
+                  build_state=state)
 
 
 def _open_folder(folder: Path, config: str | None, cache_dir: Path | None) -> Source:
