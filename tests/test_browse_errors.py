@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import html
 import os
 import socket
+from urllib.error import HTTPError
 
 import pytest
 
@@ -46,10 +48,10 @@ def test_a_mistyped_path_is_refused_in_one_line_naming_it(tmp_path, dead_endpoin
 
 @pytest.fixture
 def pushed(fake_hub, hub_env, tmp_path) -> str:
-    """A synthetic dataset of two Parquet files pushed to the fake Hub with huggingface_hub; its repo id."""
+    """A synthetic dataset of two Parquet files (about 3 MB each) pushed to the fake Hub with huggingface_hub; its repo id."""
     from densefusion_hf.testing.synthetic import write_synthetic
 
-    folder = write_synthetic(tmp_path / "synthetic", rows=40, files=2)
+    folder = write_synthetic(tmp_path / "synthetic", rows=4_000, files=2)  # files well over the 1 MiB read-ahead
     repo = "tester/browse-faults"
     run_python(f"from huggingface_hub import HfApi\napi = HfApi()\n"
                f"api.create_repo({repo!r}, repo_type='dataset')\n"
@@ -73,7 +75,18 @@ def test_a_hub_that_fails_reading_the_footers_gets_a_message_saying_what_to_do(f
     served = start_browse(pushed, "--cache-dir", str(tmp_path / "cache"), env=hub_env)
     try:
         status, _, body = served.get("/rows")
-        assert status == 200 and body.count(b'class="card"') == 40
+        assert status == 200 and body.count(b'class="card"') == 48
+        if answer == 501:  # failing again once served: a row's image is a page saying so, the server goes on
+            fake_hub.fail_downloads(answer, paths="*.parquet")
+            with pytest.raises(HTTPError) as failed:
+                served.get("/image/0")
+            text = html.unescape(failed.value.read().decode())
+            assert failed.value.code == 500 and f"{pushed}: cannot read row group 0 of synthetic/train-00000" in text
+            assert "Check the network and HF_ENDPOINT, then retry. The rest of the dataset" in text
+            fake_hub.fail_downloads(None)
+            assert served.get("/image/0")[0] == 200
     finally:
         code, output = served.stop()
-    assert code == 0 and "Hub dataset tester/browse-faults, config synthetic: 40 rows in 2 files" in output, output
+    assert "Traceback" not in output, output  # a failed page is one line on the terminal
+    assert answer != 501 or f"df-hf browse: /image/0: {pushed}: cannot read row group 0" in output, output
+    assert code == 0 and "Hub dataset tester/browse-faults, config synthetic: 4,000 rows in 2 files" in output, output

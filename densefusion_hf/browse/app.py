@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import sys
 import threading
 import time
 from pathlib import Path
@@ -388,6 +389,13 @@ def _application(browser: Browser) -> Starlette:
         return browser.message(request, "Something went wrong",
                                f"{type(exc).__name__}: {exc}. The rest of the dataset can still be browsed.", 500)
 
+    async def user_error(request: Request, exc: UserError):
+        """What went wrong, said as it is (a Hub that cannot be read says what to do), on the page and in one
+        line on the server's terminal, without a traceback."""
+        print(f"df-hf browse: {request.url.path}: {exc}", file=sys.stderr, flush=True)
+        return browser.message(request, "Something went wrong",
+                               f"{exc} The rest of the dataset can still be browsed.", 500)
+
     routes = [
         Route("/", overview),
         Route("/rows", rows),
@@ -403,7 +411,7 @@ def _application(browser: Browser) -> Starlette:
         Mount("/static", app=StaticFiles(directory=HERE / "static"), name="static"),
     ]
     return Starlette(routes=routes, middleware=[Middleware(LocalHostOnly)],
-                     exception_handlers={404: not_found, 500: server_error})
+                     exception_handlers={404: not_found, 500: server_error, UserError: user_error})
 
 
 class LocalHostOnly:

@@ -35,6 +35,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from densefusion_hf.browse.source import Source
+from densefusion_hf.errors import UserError
 
 INDEX_VERSION = 1
 SEARCH_FIELDS = {"all": None, "caption": "caption", "alt": "alt_text", "ocr": "ocr"}
@@ -227,7 +228,7 @@ class Index:
             self.seconds = round(time.monotonic() - started, 2)
             self._loaded()
         except Exception as exc:  # shown on the page; the unfiltered gallery still works without it
-            self.error = f"{type(exc).__name__}: {exc}"
+            self.error = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
             self.ready.set()
 
     def _loaded(self) -> None:
