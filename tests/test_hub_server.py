@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import http.client as http_client
 import json
 import random
 import subprocess
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 from PIL import Image
 
 from densefusion_hf.testing.hub_server import FakeHub
@@ -364,6 +366,24 @@ def test_fail_commits_interrupts_a_push_until_cleared(fake_hub, hub_env):
     cleared = client(push, hub_env)
     assert cleared["statuses"] == [None, None, None]
     assert cleared["files"] == [".gitattributes", "a.txt", "b.txt", "c.txt"]
+
+
+def test_fail_downloads_answers_matching_files_with_an_error_or_a_hang_up_until_cleared(fake_hub, hub_env):
+    client('api.create_repo(REPO, repo_type="dataset")\n'
+           'for name in ("a.parquet", "README.md"):\n'
+           '    api.upload_file(path_or_fileobj=name.encode(), path_in_repo=name, repo_id=REPO, repo_type="dataset")\n'
+           'emit(None)', hub_env)
+    resolve = f"/datasets/{REPO}/resolve/main/"
+    assert http(fake_hub, "POST", "/_fake/fail-downloads", {"answer": 503, "paths": "*.parquet"})[0] == 200
+    status, headers, body = http(fake_hub, "GET", resolve + "a.parquet")
+    assert status == 503 and "fail-downloads" in headers["X-Error-Message"]
+    assert http(fake_hub, "HEAD", resolve + "a.parquet")[0] == 503
+    assert http(fake_hub, "GET", resolve + "README.md")[2] == b"README.md"  # other files are served
+    fake_hub.fail_downloads("hangup", paths="*.parquet")
+    with pytest.raises(http_client.RemoteDisconnected):
+        http(fake_hub, "GET", resolve + "a.parquet")
+    assert http(fake_hub, "POST", "/_fake/fail-downloads", {"answer": None})[0] == 200
+    assert http(fake_hub, "GET", resolve + "a.parquet")[:3:2] == (200, b"a.parquet")
 
 
 def test_commit_endpoint_refuses_bad_commits(fake_hub):

@@ -3,7 +3,7 @@
     source.py     what PATH is, and reading its rows a row group at a time (local files or ranged reads
                   through huggingface_hub's HfFileSystem)
     index.py      the SQLite FTS5 index of the rows (filters, full-text search, dropped rows), built once
-                  and cached
+                  per dataset version and cached; again when a work directory's build moves on
     images.py     thumbnails made on demand and cached, decoding checks
     app.py        the Starlette application: pages, images, the card's assets
     server.py     uvicorn on 127.0.0.1, the address printed, a clean stop on Ctrl-C

@@ -15,6 +15,9 @@ from __future__ import annotations
 import json
 import math
 import re
+import sys
+import threading
+import time
 from pathlib import Path
 from urllib.parse import urlencode
 
@@ -29,11 +32,14 @@ from starlette.staticfiles import StaticFiles
 
 from densefusion_hf import __version__
 from densefusion_hf.browse.images import ThumbnailCache, check_image, for_browser, placeholder_svg
-from densefusion_hf.browse.index import Filters, Index, highlight_pattern, parse_query
+from densefusion_hf.browse.index import Filters, Index, highlight_pattern, parse_query, query_note
+from densefusion_hf.browse.server import INDEX_FIRST_ROWS, INDEX_HEAD_START
 from densefusion_hf.browse.source import Source
+from densefusion_hf.errors import UserError
 
 HERE = Path(__file__).parent
 PER_PAGE = 48
+LOOK_EVERY = 1.0  # seconds between two looks at a work directory's done markers
 DROPPED_PER_PAGE = 40
 EXPERT_COLOURS = {"detector": "#ff9f1c", "open_set": "#2ec4b6", "ocr": "#e71d73"}
 _OTHER_COLOURS = ["#a78bfa", "#60a5fa", "#facc15", "#f87171", "#34d399"]
@@ -91,23 +97,71 @@ def _int_param(request: Request, name: str, default: int, low: int = 1) -> int:
 
 
 class Browser:
-    """The state of one ``df-hf browse``: its source, index and thumbnail cache."""
+    """The state of one ``df-hf browse``: its source, index and thumbnail cache; for a work directory whose
+    build moves on, the next ones, swapped in when their index is ready."""
 
     def __init__(self, source: Source, index: Index):
-        self.source, self.index = source, index
-        self.thumbs = ThumbnailCache(Path(source.cache_dir) / f"thumbs-{source.fingerprint}")
         env = jinja2.Environment(loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True,
                                  trim_blocks=True, lstrip_blocks=True, undefined=jinja2.StrictUndefined)
-        env.globals.update(source=source, index=index, version=__version__, colour=expert_colour,
+        env.globals.update(version=__version__, colour=expert_colour,
                            number=lambda n: f"{n:,}" if isinstance(n, int) else n, cell=_cell,
                            without=lambda params, name: {k: v for k, v in params.items() if k != name})
         env.filters["query"] = lambda params: urlencode({k: v for k, v in params.items() if v not in (None, "")})
         self.env = env
+        self.source: Source | None = None
+        self._lock = threading.Lock()
+        self._pending: tuple[Source, Index] | None = None
+        self._next_look = time.monotonic() + LOOK_EVERY
+        self._use(source, index)
+
+    def _use(self, source: Source, index: Index) -> None:
+        old = self.source
+        if old is None or old.fingerprint != source.fingerprint:  # thumbnails are named by row
+            self.thumbs = ThumbnailCache(Path(source.cache_dir) / f"thumbs-{source.fingerprint}")
+        if old is not None and self.index.path != index.path:  # an index of a state that is gone for good
+            self.index.path.unlink(missing_ok=True)
+        self.source, self.index = source, index
         meta, body = source.card()
         self.card_meta, self.card_html = meta, render_markdown(body) if body else None
 
+    def current(self) -> tuple[Source, Index]:
+        """The source and index a page is made from. A work directory whose build moved on (a shard finished)
+        is opened again and indexed in the background; its new index is used once ready (a small one is waited
+        for a few seconds, as at start), the old one meanwhile."""
+        self._look_for_changes()
+        pending = self._pending
+        if pending is not None:
+            fresh, index = pending
+            if fresh.num_rows <= INDEX_FIRST_ROWS:
+                index.wait(INDEX_HEAD_START)
+            if index.ready.is_set():
+                with self._lock:
+                    if self._pending is pending:
+                        self._pending = None
+                        self._use(fresh, index)
+        return self.source, self.index
+
+    def _look_for_changes(self) -> None:
+        now = time.monotonic()
+        with self._lock:  # at most one look a second, however many pages and thumbnails ask
+            if self._pending is not None or now < self._next_look or self.source.opened_with is None:
+                return
+            self._next_look = now + LOOK_EVERY
+            source = self.source
+        if not source.changed():
+            return
+        try:
+            fresh = source.reopen()
+        except UserError:  # caught mid-change (a stage cleared for a redo): the next look tries again
+            return
+        with self._lock:
+            if self._pending is None and self.source is source:
+                self._pending = (fresh, Index(fresh).start())
+
     def page(self, name: str, request: Request, status: int = 200, **context) -> HTMLResponse:
         context.setdefault("title", self.source.config or self.source.label)
+        context.setdefault("source", self.source)
+        context.setdefault("index", self.index)
         html = self.env.get_template(name).render(request=request, path=request.url.path, **context)
         return HTMLResponse(html, status_code=status)
 
@@ -119,10 +173,17 @@ class Browser:
     def index_ready(self) -> bool:
         return self.index.ready.is_set() and self.index.error is None
 
-    def find_row(self, key: str) -> int | None:
-        """The global row of ``key``: through the index, or by reading the key columns while it is built."""
+    def find_row(self, key: str, at: int | None = None) -> int | None:
+        """The global row of ``key``: through the index; while it is built, at ``at`` (the row a link names,
+        checked against its key: one row group read), else by reading the key columns."""
         if self.index_ready():
             return self.index.find_key(key)
+        if at is not None and 0 <= at < self.source.num_rows:
+            data, group, offset = self.source.locate(at)
+            if "key" not in data.columns:
+                return at if key == str(at) else None  # rows without keys are linked by their index
+            if self.source.group(data, group).column("key")[offset].as_py() == key:
+                return at
         import pyarrow.compute as pc
 
         for data in self.source.files:
@@ -161,14 +222,20 @@ class Browser:
 
 
 def create_app(source: Source, index: Index) -> Starlette:
-    browser = Browser(source, index)
+    return _application(Browser(source, index))
+
+
+def _application(browser: Browser) -> Starlette:
+    """The routes; each page takes the source and index it is made from from ``browser.current()``."""
 
     def overview(request: Request):
+        source, index = browser.current()
         stages = source.stages
         return browser.page("overview.html", request, stages=stages, card=browser.card_html,
                             card_meta=browser.card_meta)
 
     def rows(request: Request):
+        source, index = browser.current()
         filters = Filters.from_query(request.query_params)
         per_page = min(_int_param(request, "per_page", PER_PAGE), 500)
         page = _int_param(request, "page", 1)
@@ -184,18 +251,23 @@ def create_app(source: Source, index: Index) -> Starlette:
             start = (page - 1) * per_page
             ids = list(range(start, min(start + per_page, total)))
         pages = max(1, math.ceil(total / per_page))
+        note = query_note(filters.q)
+        if note is None and filters.q and not waiting and total == source.num_rows > 1 \
+                and filters.params().keys() <= {"q", "in"}:  # a search this broad looks like a search ignored
+            note = f"Every row holds “{filters.q}”: the search matches all {total:,} rows."
         records = [browser.shaped(r) for r in source.rows(ids)]
         state = filters.params()
         if per_page != PER_PAGE:
             state["per_page"] = str(per_page)
         return browser.page("rows.html", request, filters=filters, state=state, rows=records, total=total,
-                            page=page, pages=pages, per_page=per_page, waiting=waiting,
+                            page=page, pages=pages, per_page=per_page, waiting=waiting, note=note,
                             highlight=highlighter(filters.q), facets=index.meta if browser.index_ready() else {})
 
     def row(request: Request):
+        source, index = browser.current()
         key = request.path_params["key"]
         filters = Filters.from_query(request.query_params)
-        found = browser.find_row(key)
+        found = browser.find_row(key, _int_param(request, "at", -1, low=-1))
         if found is None:
             return browser.message(request, "No such row", f"No row has the key {key!r} in {source.describe()}.",
                                    404)
@@ -218,7 +290,7 @@ def create_app(source: Source, index: Index) -> Starlette:
             position, total = found, source.num_rows
             before = found - 1 if found > 0 else None
             after = found + 1 if found + 1 < total else None
-        neighbours = {name: source.rows([r])[0].get("key") or str(r) if r is not None else None
+        neighbours = {name: {"key": source.rows([r])[0].get("key") or str(r), "at": r} if r is not None else None
                       for name, r in (("prev", before), ("next", after))}
         experts = sorted({b["expert"] for b in record["boxes"]}, key=lambda e: (e != "detector", e != "open_set", e))
         back = dict(state, page=str(position // per_page + 1))
@@ -232,6 +304,7 @@ def create_app(source: Source, index: Index) -> Starlette:
                                 "hide", ""))
 
     def dropped(request: Request):
+        source, index = browser.current()
         if source.workdir is None:
             return browser.message(request, "No build here", "Dropped rows are shown for a work directory: "
                                    "pass the folder given to `df-hf build --workdir`.", 404)
@@ -261,6 +334,7 @@ def create_app(source: Source, index: Index) -> Starlette:
         return Response(thumb, media_type="image/jpeg", headers=headers)
 
     def thumb(request: Request):
+        source = browser.source
         row_id = request.path_params["row"]
         if not 0 <= row_id < source.num_rows:
             return PlainTextResponse("no such row", status_code=404)
@@ -274,12 +348,14 @@ def create_app(source: Source, index: Index) -> Starlette:
         return Response(body, media_type=media, headers={"Cache-Control": "public, max-age=31536000, immutable"})
 
     def image(request: Request):
+        source = browser.source
         row_id = request.path_params["row"]
         if not 0 <= row_id < source.num_rows:
             return PlainTextResponse("no such row", status_code=404)
         return _image_response(source.image_bytes(row_id))
 
     def _fetched(key: str) -> bytes | None:
+        source, index = browser.source, browser.index
         if not browser.index_ready():
             return None
         return source.fetched_image(key, index.fetch_shard_of(key))
@@ -293,12 +369,13 @@ def create_app(source: Source, index: Index) -> Starlette:
 
     def asset(request: Request):
         relative = "assets/" + request.path_params["path"]
-        data = source.read_bytes(relative)
+        data = browser.source.read_bytes(relative)
         if data is None:
             return PlainTextResponse("not found", status_code=404)
         return Response(data, media_type=_MEDIA_TYPES.get(Path(relative).suffix.lower(), "application/octet-stream"))
 
     def status(request: Request):
+        source, index = browser.current()
         return JSONResponse({"ready": index.ready.is_set(), "error": index.error, "rows_indexed": index.done_rows,
                              "rows": source.num_rows, "seconds": index.seconds})
 
@@ -311,6 +388,13 @@ def create_app(source: Source, index: Index) -> Starlette:
     async def server_error(request: Request, exc):
         return browser.message(request, "Something went wrong",
                                f"{type(exc).__name__}: {exc}. The rest of the dataset can still be browsed.", 500)
+
+    async def user_error(request: Request, exc: UserError):
+        """What went wrong, said as it is (a Hub that cannot be read says what to do), on the page and in one
+        line on the server's terminal, without a traceback."""
+        print(f"df-hf browse: {request.url.path}: {exc}", file=sys.stderr, flush=True)
+        return browser.message(request, "Something went wrong",
+                               f"{exc} The rest of the dataset can still be browsed.", 500)
 
     routes = [
         Route("/", overview),
@@ -327,7 +411,7 @@ def create_app(source: Source, index: Index) -> Starlette:
         Mount("/static", app=StaticFiles(directory=HERE / "static"), name="static"),
     ]
     return Starlette(routes=routes, middleware=[Middleware(LocalHostOnly)],
-                     exception_handlers={404: not_found, 500: server_error})
+                     exception_handlers={404: not_found, 500: server_error, UserError: user_error})
 
 
 class LocalHostOnly:

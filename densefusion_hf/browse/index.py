@@ -12,7 +12,8 @@ SQLite's FTS5 ships with Python, so the index needs nothing installed; the full-
 the text (``content=''``), only what matching needs, and the matches are highlighted in the rows a page
 reads anyway.  The file is written under a temporary name and renamed when complete: a server stopped while
 indexing leaves no half index, and the next start builds it again.  Its name carries the data's fingerprint
-(file names, sizes and times, or the Hub commit), so a rebuilt dataset gets a new index.
+(file names, sizes and times, or the Hub commit) and, for a work directory, its done markers
+(``source.build_state``), so a rebuilt dataset, or a build that moved on, gets a new index.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from densefusion_hf.browse.source import Source
+from densefusion_hf.errors import UserError
 
 INDEX_VERSION = 1
 SEARCH_FIELDS = {"all": None, "caption": "caption", "alt": "alt_text", "ocr": "ocr"}
@@ -114,25 +116,43 @@ _TERM = re.compile(r'"([^"]*)"|(\S+)')
 _TOKEN = re.compile(r"[^\W_]+", re.UNICODE)
 
 
+#: FTS5's operators. Between words they are dropped (every word must match anyway); a query made only of
+#: them searches them as the words they are, so ``AND`` alone finds the rows with "and", not every row.
+OPERATORS = ("AND", "OR", "NOT", "NEAR")
+
+
+def _terms(text: str) -> list[tuple[str, list[str], bool, bool]]:
+    """(as typed, tokens, prefix, is an operator) of each term of a search box's text that holds a word."""
+    terms = []
+    for quoted, bare in _TERM.findall(text or ""):
+        tokens = _TOKEN.findall(quoted or bare)
+        if tokens:
+            terms.append((quoted or bare, tokens, bool(bare) and bare.endswith("*"),
+                          bool(bare) and bare.upper() in OPERATORS))
+    return terms
+
+
 def parse_query(text: str) -> list[tuple[list[str], bool]]:
     """A search box's text as FTS5 phrases: (tokens, prefix) each; every phrase must match (AND).
-    ``"grand opening"`` is one phrase, ``coff*`` a prefix, other punctuation separates tokens."""
-    phrases = []
-    for quoted, bare in _TERM.findall(text or ""):
-        if quoted:
-            tokens = _TOKEN.findall(quoted)
-            if tokens:
-                phrases.append((tokens, False))
-            continue
-        prefix = bare.endswith("*")
-        tokens = _TOKEN.findall(bare)
-        if not tokens or bare.upper() in ("AND", "OR", "NOT", "NEAR"):
-            continue
-        if len(tokens) == 1:
-            phrases.append((tokens, prefix))
-        else:  # "2-for-1" is the phrase "2 for 1", as the tokenizer reads the text
-            phrases.append((tokens, prefix))
-    return phrases
+    ``"grand opening"`` is one phrase, ``coff*`` a prefix, other punctuation separates tokens
+    (``2-for-1`` is the phrase "2 for 1", as the tokenizer reads the text)."""
+    terms = _terms(text)
+    words = [(tokens, prefix) for _, tokens, prefix, operator in terms if not operator]
+    return words or [(tokens, False) for _, tokens, _, _ in terms]
+
+
+def query_note(text: str) -> str | None:
+    """What the page says when a query is not searched as its words read: None when it is."""
+    if not (text or "").strip():
+        return None
+    terms = _terms(text)
+    if not terms:
+        return f"“{text.strip()}” holds no word to search for, so no search is applied."
+    if all(operator for *_, operator in terms):
+        words = ", ".join(f"“{typed}”" for typed, *_ in terms)
+        return (f"Searched for {words} as {'a word' if len(terms) == 1 else 'words'}: the search box has no "
+                f"operators (every word must match).")
+    return None
 
 
 def fts_expression(phrases: list[tuple[list[str], bool]], column: str | None) -> str:
@@ -176,7 +196,7 @@ class Index:
 
     def __init__(self, source: Source):
         self.source = source
-        self.path = Path(source.cache_dir) / f"index-v{INDEX_VERSION}-{source.fingerprint}.sqlite"
+        self.path = Path(source.cache_dir) / f"index-v{INDEX_VERSION}-{source.index_fingerprint}.sqlite"
         self.ready = threading.Event()
         self.error: str | None = None
         self.done_rows = 0
@@ -208,7 +228,7 @@ class Index:
             self.seconds = round(time.monotonic() - started, 2)
             self._loaded()
         except Exception as exc:  # shown on the page; the unfiltered gallery still works without it
-            self.error = f"{type(exc).__name__}: {exc}"
+            self.error = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
             self.ready.set()
 
     def _loaded(self) -> None:

@@ -24,6 +24,7 @@ import re
 import threading
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -80,8 +81,11 @@ class Source:
 
     def __init__(self, *, kind: str, label: str, config: str | None, configs: list[str], root: str,
                  files: list[str], cache_dir: Path, fingerprint: str, fs=None, workdir: Path | None = None,
-                 stages: list[Stage] | None = None, join_images: bool = False, revision: str | None = None):
+                 stages: list[Stage] | None = None, join_images: bool = False, revision: str | None = None,
+                 build_state: str | None = None):
         self.kind, self.label, self.config, self.configs = kind, label, config, configs
+        self.build_state = build_state          # a work directory's done markers, when it was opened
+        self.opened_with: tuple | None = None   # open_source's arguments, to open it again when it changed
         self.root, self.fs, self.workdir, self.revision = root, fs, workdir, revision
         self.cache_dir, self.fingerprint = cache_dir, fingerprint
         self.stages = stages or []
@@ -104,29 +108,54 @@ class Source:
     def _open(self, path: str) -> pq.ParquetFile:
         with self._lock:
             handle = self._handles.get(path)
-            if handle is None:
-                if self.fs is None:
-                    handle = pq.ParquetFile(path, memory_map=True)
-                else:
-                    handle = pq.ParquetFile(self.fs.open(path, "rb", block_size=2 ** 20))
-                self._handles[path] = handle
-                self._locks[path] = threading.Lock()
+        if handle is not None:
             return handle
+        # opened outside the lock: opening reads the footer, over the network a few round trips per file
+        if self.fs is None:
+            handle = pq.ParquetFile(path, memory_map=True)
+        else:
+            handle = pq.ParquetFile(self.fs.open(path, "rb", block_size=2 ** 20))
+        with self._lock:
+            self._locks.setdefault(path, threading.Lock())
+            return self._handles.setdefault(path, handle)
 
     def _read(self, path: str, group: int, columns: list[str]) -> pa.Table:
-        handle = self._open(path)
-        with self._locks[path]:   # a ParquetFile over one file object reads one thing at a time
-            return handle.read_row_group(group, columns=columns)
+        with self._explained(path, f"row group {group}"):
+            handle = self._open(path)
+            with self._locks[path]:   # a ParquetFile over one file object reads one thing at a time
+                return handle.read_row_group(group, columns=columns)
+
+    @contextmanager
+    def _explained(self, path: str, what: str):
+        """A Hub that cannot be read (unreachable, an HTTP error, a connection reset, after huggingface_hub's
+        own retries) as a UserError naming the repo, the file and what to do."""
+        if self.fs is None:
+            yield
+            return
+        from huggingface_hub import errors
+
+        try:
+            yield
+        except (getattr(errors, "HTTPError", errors.HfHubHTTPError), OSError) as exc:
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            endpoint = getattr(self.fs, "endpoint", "the Hub")
+            raise UserError(f"{self.label}: cannot read {what} of {path[len(self.root) + 1:]} from {endpoint} "
+                            f"({type(exc).__name__}: {reason}). Check the network and HF_ENDPOINT, then "
+                            f"retry.") from None
 
     def _read_footers(self, paths: list[str]) -> list[DataFile]:
         def footer(path):
-            meta = self._open(path).metadata
-            return ([meta.row_group(i).num_rows for i in range(meta.num_row_groups)],
-                    self._open(path).schema_arrow.names)
+            with self._explained(path, "the Parquet footer"):
+                meta = self._open(path).metadata
+                return ([meta.row_group(i).num_rows for i in range(meta.num_row_groups)],
+                        self._open(path).schema_arrow.names)
 
         if len(paths) > 1:  # footers parse outside the GIL, and over the network they are round trips
-            with ThreadPoolExecutor(min(16 if self.fs is not None else 4, len(paths))) as pool:
+            pool = ThreadPoolExecutor(min(16 if self.fs is not None else 4, len(paths)))
+            try:
                 footers = list(pool.map(footer, paths))
+            finally:  # after an error, the files not started yet are not tried
+                pool.shutdown(cancel_futures=True)
         else:
             footers = [footer(p) for p in paths]
         files, start = [], 0
@@ -257,6 +286,22 @@ class Source:
         raw = self.read_bytes("README.md")
         return split_card(raw.decode("utf-8", "replace")) if raw else ({}, "")
 
+    @property
+    def index_fingerprint(self) -> str:
+        """What the index depends on: the data files, and a work directory's finished shards (its drops)."""
+        if self.build_state is None:
+            return self.fingerprint
+        return hashlib.sha256(f"{self.fingerprint}\0{self.build_state}".encode()).hexdigest()[:16]
+
+    def changed(self) -> bool:
+        """Whether a work directory's build moved on since it was opened (a shard finished, a stage redone)."""
+        return self.build_state is not None and self.workdir is not None \
+            and build_state(self.workdir) != self.build_state
+
+    def reopen(self) -> "Source":
+        """A new Source over the same PATH, as it is now."""
+        return open_source(*self.opened_with)
+
     def describe(self) -> str:
         where = {"workdir": "work directory", "folder": "dataset folder", "hub": "Hub dataset"}[self.kind]
         config = f", config {self.config}" if self.config else ""
@@ -352,6 +397,22 @@ def _manifest(workdir: Path) -> dict:
         raise UserError(f"{workdir}/manifest.json cannot be read ({exc}); is {workdir} a work directory?") from None
 
 
+def build_state(workdir: Path) -> str:
+    """A digest of a work directory's done markers (name, size, time) and its manifest: it changes when a shard
+    finishes, is redone or removed, so a server started while the build runs sees its later rows and drops."""
+    from densefusion_hf.recipe import STAGE_ORDER
+
+    digest = hashlib.sha256()
+    for name in ("manifest.json", *(f"{stage}/{done}" for stage in STAGE_ORDER if (workdir / stage).is_dir()
+                                   for done in sorted(os.listdir(workdir / stage)) if done.endswith(".done"))):
+        try:
+            stat = os.stat(workdir / name)
+        except FileNotFoundError:  # removed while listed: the next look sees it gone
+            continue
+        digest.update(f"{name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
+
+
 def _workdir_stages(workdir: Path, manifest: dict) -> list[Stage]:
     """What ``df-hf status`` counts (``runners.status.collect_status``), read from the same stats files without
     importing the stages (and so torch, datasets and the models' libraries)."""
@@ -383,23 +444,50 @@ def open_source(path: str, config: str | None = None, revision: str | None = Non
                 cache_dir: Path | None = None) -> Source:
     """The Source for PATH (a work directory, a dataset folder or a Hub repo id); a UserError that says what
     was looked for when PATH is none of them."""
+    source = _open(path, config, revision, cache_dir)
+    source.opened_with = (path, config, revision, cache_dir)
+    return source
+
+
+def _open(path: str, config: str | None, revision: str | None, cache_dir: Path | None) -> Source:
     local = Path(path).expanduser()
     if local.exists():
         if revision is not None:
             raise UserError(f"--revision is for a Hub repo; {path} is a local folder.")
         if not local.is_dir():
-            raise UserError(f"{path} is a file; pass a work directory (with manifest.json), a published dataset "
-                            f"folder (with README.md and Parquet files) or a Hub dataset repo id (org/name).")
+            raise UserError(f"{path} is a file. {ACCEPTED}")
         return _open_workdir(local.resolve(), config, cache_dir) if (local / "manifest.json").exists() \
             else _open_folder(local.resolve(), config, cache_dir)
     repo = path[len("hf://datasets/"):] if path.startswith("hf://datasets/") else path
-    if _REPO_ID.match(repo) and not path.startswith((".", "/", "~")):
+    if _REPO_ID.match(repo) and (repo != path or not looks_like_a_path(path)):
         return _open_hub(repo, config, revision, cache_dir)
-    raise UserError(f"{path}: no such file or folder, and not a Hub dataset repo id (org/name). Pass a work "
-                    f"directory (the --workdir of `df-hf build`), a published dataset folder, or a repo id.")
+    raise UserError(f"{path}: no such file or folder{_missing_part(local)}. {ACCEPTED}")
+
+
+#: What PATH may be, for the messages that refuse one.
+ACCEPTED = ("Pass a work directory (the --workdir of `df-hf build`), a published dataset folder, or a Hub "
+            "dataset repo id ORG/NAME (hf://datasets/ORG/NAME when a local folder is named ORG).")
+
+
+def looks_like_a_path(path: str) -> bool:
+    """Whether PATH, which does not exist, was meant as a local path rather than a Hub repo id: it starts like
+    one, has more than one ``/``, or its first part exists here (``build/nope`` beside a ``build`` folder)."""
+    if path.startswith((".", "/", "~")) or path.count("/") > 1:
+        return True
+    first = path.split("/", 1)[0]
+    return bool(first) and Path(first).exists()
+
+
+def _missing_part(local: Path) -> str:
+    """ " (FOLDER exists, NAME does not)" for the deepest part of ``local`` that exists, if any."""
+    for parent in local.parents:
+        if str(parent) not in ("", ".") and parent.exists():
+            return f" ({parent} exists, {local.relative_to(parent)} does not)"
+    return ""
 
 
 def _open_workdir(workdir: Path, config: str | None, cache_dir: Path | None) -> Source:
+    state = build_state(workdir)  # before reading: a shard finishing meanwhile is seen as a change later
     manifest = _manifest(workdir)
     recorded = ((manifest.get("stages") or {}).get("publish") or {}).get("dataset")
     folder = Path(recorded) if recorded else workdir / "dataset"
@@ -423,7 +511,8 @@ def _open_workdir(workdir: Path, config: str | None, cache_dir: Path | None) -> 
         folder = workdir
     fingerprint = _local_fingerprint(files, f"workdir\0{chosen}")
     return Source(kind="workdir", label=str(workdir), config=chosen, configs=configs, root=str(folder), files=files,
-                  cache_dir=cache, fingerprint=fingerprint, workdir=workdir, stages=stages, join_images=join)
+                  cache_dir=cache, fingerprint=fingerprint, workdir=workdir, stages=stages, join_images=join,
+                  build_state=state)
 
 
 def _open_folder(folder: Path, config: str | None, cache_dir: Path | None) -> Source:

@@ -20,9 +20,10 @@ same root serves the same repositories.
 Any ``Authorization: Bearer`` token is accepted; requests that write need one (401 otherwise).  Given
 ``tokens`` (token -> the namespaces it may write; ``--token TOKEN=NS,NS``), the server answers like the Hub
 to any other token (401 "Invalid credentials") and to a write outside those namespaces (403).  Tokens are
-never logged.  Test hooks live under ``/_fake/`` (request log and counters, simulated commit failures); the
-log also lists every file download with the ``Range`` it asked for; ``FakeHub.download_rate`` slows
-downloads down and ``FakeHub.drop_download_after`` cuts the next one's connection after N bytes.
+never logged.  Test hooks live under ``/_fake/`` (request log and counters, simulated commit and download
+failures); the log also lists every file download with the ``Range`` it asked for; ``FakeHub.download_rate``
+slows downloads down, ``FakeHub.drop_download_after`` cuts the next one's connection after N bytes and
+``FakeHub.fail_downloads`` answers every download of matching files with an HTTP error or a hang-up.
 
 Run it by hand with ``python -m densefusion_hf.testing.hub_server --root DIR [--port N]``.
 """
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import fnmatch
 import hashlib
 import hmac
 import json
@@ -95,6 +97,7 @@ ROUTES = [
     ("GET", r"/_fake/log", "fake_log"),
     ("POST", r"/_fake/reset-log", "fake_reset_log"),
     ("POST", r"/_fake/fail-commits", "fake_fail_commits"),
+    ("POST", r"/_fake/fail-downloads", "fake_fail_downloads"),
 ]
 COMPILED_ROUTES = [(method, re.compile(pattern), name) for method, pattern, name in ROUTES]
 
@@ -105,6 +108,10 @@ class HubError(Exception):
     def __init__(self, status: int, message: str, code: str | None = None):
         super().__init__(message)
         self.status, self.message, self.code = status, message, code
+
+
+class Hangup(ConnectionError):
+    """Raised by a handler to close the connection without any answer, as a reset link does."""
 
 
 def repo_not_found(repo_id: str) -> HubError:
@@ -525,7 +532,7 @@ class _Handler(BaseHTTPRequestHandler):
             reply = self._dispatch(hub, name, request)
         except HubError as error:
             reply = error_reply(error)
-        except (ConnectionError, TimeoutError):  # the client is gone (killed mid-request): nobody to answer
+        except (ConnectionError, TimeoutError):  # the client is gone (killed mid-request), or a Hangup
             self.close_connection = True
             return
         except Exception:
@@ -946,6 +953,7 @@ class HubApi:
         revision, path = request.revision_and_path()
         commit_id = resolve_revision(repo, revision)
         entry = repo["commits"][commit_id]["files"].get(path)
+        self.hub.take_download_permit(path)
         if entry is None:
             error = error_reply(entry_not_found(path))
             error.headers["X-Repo-Commit"] = commit_id  # lets hf_hub_download cache the absence
@@ -983,6 +991,12 @@ class HubApi:
         self.hub.fail_commits(after=None if after is None else int(after))
         return Reply(200, {"after": after})
 
+    def fake_fail_downloads(self, request: Request) -> Reply:
+        body = request.json()
+        answer = body.get("answer")
+        self.hub.fail_downloads(answer if answer in (None, "hangup") else int(answer), body.get("paths", "*"))
+        return Reply(200, {"answer": answer})
+
 
 def parse_commit_payload(body: bytes) -> tuple[dict, list[dict]]:
     """The header value and the operations of an NDJSON commit body."""
@@ -1018,6 +1032,7 @@ class FakeHub:
         self.lock = threading.RLock()  # serialises repository changes and the counters
         self._secret = secrets.token_bytes(32)  # signs LFS upload URLs
         self._fail_after: int | None = None
+        self._failed_downloads: tuple[int | str, str] | None = None
         self.download_rate: int | None = None  # bytes per second of file downloads; None: as fast as possible
         self.drop_download_after: int | None = None  # the next file download loses its connection after N bytes
         self.api = HubApi(self)
@@ -1109,6 +1124,22 @@ class FakeHub:
         """Answer 500 to every commit once ``after`` more have succeeded (None: stop failing)."""
         with self.lock:
             self._fail_after = after
+
+    def fail_downloads(self, answer: int | str | None, paths: str = "*") -> None:
+        """Answer every download (GET or HEAD of ``resolve``) of a file matching the glob ``paths`` with the
+        HTTP status ``answer``, or close its connection unanswered (``"hangup"``); None: stop failing."""
+        with self.lock:
+            self._failed_downloads = None if answer is None else (answer, paths)
+
+    def take_download_permit(self, path: str) -> None:
+        with self.lock:
+            failing = self._failed_downloads
+        if failing is None or not fnmatch.fnmatch(path, failing[1]):
+            return
+        if failing[0] == "hangup":
+            raise Hangup(f"simulated hang-up on {path}")
+        raise HubError(failing[0], f"Simulated failure: the fake hub was told to fail downloads of {failing[1]} "
+                                   f"(/_fake/fail-downloads)")
 
     def take_commit_permit(self) -> None:
         if self._fail_after is not None and self._fail_after <= 0:
