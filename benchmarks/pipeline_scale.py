@@ -227,6 +227,9 @@ def main() -> None:
             ratio = result[r]["fetch"]["seconds"] / result[f"img2dataset_before_{r}_s"]
             print(f"fetch / bare img2dataset ({r}): {ratio:.2f} (goal <= 1.10; each fetch includes the "
                   f"process start and the full decode check)")
+            if r == "ray":  # both start a local Ray first
+                print(f"fetch (ray) / img2dataset's Ray distributor: "
+                      f"{result[r]['fetch']['seconds'] / result['img2dataset_ray_s']:.2f}")
     if len(all_results) > 1:
         first, last = all_results[0], all_results[-1]
         factor = last["n"] / first["n"]
