@@ -22,7 +22,7 @@ from densefusion_hf.dedup.phash import phash_many, refined_pairs
 from densefusion_hf.dedup.semantic import choose_kept
 from densefusion_hf.dedup.unionfind import connected_components
 from densefusion_hf.recipe import Recipe
-from densefusion_hf.stages.columnar import at_rows, hex_to_uint64, ranks, uint64_to_hex
+from densefusion_hf.stages.columnar import at_rows, chunked, gather, hex_to_uint64, ranks, uint64_to_hex
 from densefusion_hf.stages.shards import StageDir
 from densefusion_hf.stages.base import BuildContext, GlobalStage, decision_table, image_batches
 
@@ -122,7 +122,7 @@ class Dedup(GlobalStage):
         quality = np.zeros((len(in_group), 3), dtype=np.float64)
         for shard_index in np.unique(columns.shard_of[in_group]):
             at = np.flatnonzero(columns.shard_of[in_group] == shard_index)
-            wanted = columns.keys.take(pa.array(in_group[at]))
+            wanted = gather(columns.keys, in_group[at]).combine_chunks()
             images = ctx.stage_dir("fetch").read(columns.shards[shard_index], columns=["key", "image"])
             images = images.filter(pc.is_in(images.column("key"), wanted))
             found = dict(zip(images.column("key").to_pylist(), map(fidelity, images.column("image").to_pylist())))
@@ -145,7 +145,7 @@ class Dedup(GlobalStage):
                 """Full-decode hashes of rows near the threshold; they also replace the draft ones."""
                 where = have[rows]
                 found = self._exact_hashes(ctx, list(zip([shards[i] for i in columns.shard_of[where]],
-                                                         keys.take(pa.array(where)).to_pylist())))
+                                                         gather(keys, where).to_pylist())))
                 for row, value in zip(where, found):
                     if value is not None:
                         phash[row] = value
@@ -158,11 +158,11 @@ class Dedup(GlobalStage):
         keep, dup_index = choose_kept(labels, -rank)
         dropped = np.flatnonzero(~keep)
         winners = dup_index[dropped]
-        dup_keys = keys.take(pa.array(winners))
-        same_digest = (columns.sha256_valid[dropped] & columns.sha256_valid[winners]
-                       & np.all(columns.sha256[dropped] == columns.sha256[winners], axis=1))
-        both_hashed = have_phash[dropped] & have_phash[winners]
-        distance = pc.cast(pa.array(_popcount(phash[dropped] ^ phash[winners]).astype(np.int64)), pa.string())
+        dup_keys = gather(keys, winners)
+        same_digest = chunked(columns.sha256_valid[dropped] & columns.sha256_valid[winners]
+                              & np.all(columns.sha256[dropped] == columns.sha256[winners], axis=1))
+        both_hashed = chunked(have_phash[dropped] & have_phash[winners])
+        distance = pc.cast(chunked(_popcount(phash[dropped] ^ phash[winners]).astype(np.int64)), pa.string())
         detail = pc.if_else(same_digest, pc.binary_join_element_wise("same sha256 as ", dup_keys, ""),
                             pc.if_else(both_hashed,
                                        pc.binary_join_element_wise(f"{settings.algorithm} distance ", distance,

@@ -23,7 +23,7 @@ from densefusion_hf.recipe import Recipe
 from densefusion_hf.stages.selection import cluster_size_histogram, random_subset, select
 from densefusion_hf.stages.shards import StageDir, atomic_write_json, temporary_name
 from densefusion_hf.stages.base import BuildContext, GlobalStage, decision_table
-from densefusion_hf.stages.columnar import at_rows, ranks
+from densefusion_hf.stages.columnar import at_rows, gather, ranks
 from densefusion_hf.stages.embed import embedding_paths, load_embeddings
 from densefusion_hf.stages.ingest import filter_reason
 
@@ -76,8 +76,8 @@ def _scores(part: pa.Table, rank_by: str) -> np.ndarray:
         return floats("width") * floats("height")
     similarity = floats("similarity")
     if rank_by == "centroid" and "centroid_similarity" in part.column_names:
-        centroid = floats("centroid_similarity")
-        return np.where(np.isnan(centroid), similarity, centroid)
+        centroid = part.column("centroid_similarity")
+        return np.where(centroid.is_null().to_numpy(zero_copy_only=False), similarity, floats("centroid_similarity"))
     return similarity
 
 
@@ -97,7 +97,8 @@ class Select(GlobalStage):
         columns = ["key", "width", "height", "similarity", "punsafe", "pwatermark"]
         schema_names = set(pq.read_schema(source.shard_path(shards[0])).names) if shards else set()
         columns += [c for c in ("cluster", "centroid_similarity") if c in schema_names]
-        names, prototypes = category_prototypes(ctx) if settings.categories else ([], None)
+        names = [c.name for c in settings.categories]
+        prototypes = None  # the categories' embeddings, made when a shard first has rows to score
         other = len(names)  # the category code of "other"
         keys, score, cluster, category, category_score, filtered, filter_reasons, filter_details = \
             ([] for _ in range(8))
@@ -116,7 +117,9 @@ class Select(GlobalStage):
             codes = np.full(part.num_rows, other, np.int16)
             best_score = np.full(part.num_rows, np.nan, np.float32)
             candidates = np.setdiff1d(np.arange(part.num_rows), filtered[-1] - offset)
-            if prototypes is not None and len(candidates):
+            if settings.categories and len(candidates):
+                if prototypes is None:
+                    names, prototypes = category_prototypes(ctx)
                 similarity = shard_embeddings(ctx, shard, part.column("key").take(pa.array(candidates)).to_pylist()) \
                     @ prototypes.T
                 best = similarity.argmax(axis=1)
@@ -137,22 +140,22 @@ class Select(GlobalStage):
         clusters = joined(cluster, np.int64) if "cluster" in schema_names else None
         result = select(ranks(keys)[candidates], joined(score, np.float64)[candidates],
                         clusters[candidates] if clusters is not None else None,
-                        category_names.take(pa.array(category[candidates])),
+                        category[candidates], category_names=names + ["other"],
                         top_per_cluster=settings.top_per_cluster, target_size=settings.target_size,
                         min_share={c.name: c.min_share for c in settings.categories if c.min_share},
                         max_share={c.name: c.max_share for c in settings.categories if c.max_share is not None})
         left_out = np.flatnonzero(~result.selected)
         rows = np.concatenate([filtered, candidates[left_out]])
-        reasons = pa.concat_arrays(filter_reasons + [result.reasons.take(pa.array(left_out))])
-        details = pa.concat_arrays(filter_details + [result.details.take(pa.array(left_out))])
+        reasons = pa.chunked_array(filter_reasons + gather(result.reasons, left_out).chunks, pa.string())
+        details = pa.chunked_array(filter_details + gather(result.details, left_out).chunks, pa.string())
         chosen = candidates[result.selected]
         if settings.subset is not None:
-            outside = chosen[~random_subset(keys.take(pa.array(chosen)), settings.subset.size, settings.subset.seed)]
+            outside = chosen[~random_subset(gather(keys, chosen), settings.subset.size, settings.subset.seed)]
             rows = np.concatenate([rows, outside])
-            reasons = pa.concat_arrays([reasons, pa.array(["not_in_subset"] * len(outside), pa.string())])
-            details = pa.concat_arrays([details, pa.array(
-                [f"outside the random subset of {settings.subset.size} (seed {settings.subset.seed})"] * len(outside),
-                pa.string())])
+            same = np.zeros(len(outside), np.int64)
+            reasons = pa.chunked_array(reasons.chunks + gather(pa.array(["not_in_subset"]), same).chunks)
+            details = pa.chunked_array(details.chunks + gather(pa.array(
+                [f"outside the random subset of {settings.subset.size} (seed {settings.subset.seed})"]), same).chunks)
             chosen = np.setdiff1d(chosen, outside)
         cluster_rank = np.zeros(n, np.int64)
         cluster_rank[candidates] = result.cluster_rank
@@ -161,12 +164,12 @@ class Select(GlobalStage):
         atomic_write_json(ctx.stage_dir(self.name).path / "summary.json", {
             "rows_in": n, "rows_selected": len(chosen),
             "dropped": _counts(reasons),
-            "categories": _counts(category_names.take(pa.array(category[chosen]))),
+            "categories": _counts(gather(category_names, category[chosen])),
             "cluster_sizes": cluster_size_histogram(clusters[candidates]) if clusters is not None else [],
             "unmet_minimums": result.unmet_minimums,
         })
         return decision_table(keys, at_rows(n, rows, reasons), at_rows(n, rows, details),
-                              category=category_names.take(pa.array(category)),
+                              category=gather(category_names, category),
                               category_score=pa.array(category_score, pa.float32(),
                                                       mask=~is_candidate if prototypes is not None else None)
                               if prototypes is not None else pa.nulls(n, pa.float32()),

@@ -24,14 +24,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from densefusion_hf.stages.columnar import at_rows, ranks
+from densefusion_hf.stages.columnar import at_rows, chunked, gather, ranks
 
 
 @dataclass
 class SelectionResult:
     selected: np.ndarray                    # bool per row
-    reasons: pa.Array                       # why a row was left out (null when selected)
-    details: pa.Array
+    reasons: pa.ChunkedArray                # why a row was left out (null when selected)
+    details: pa.ChunkedArray
     cluster_rank: np.ndarray                # 0-based rank of each row inside its cluster
     unmet_minimums: dict[str, dict] = field(default_factory=dict)
 
@@ -71,21 +71,23 @@ def _running_count(codes: np.ndarray) -> np.ndarray:
 
 def select(keys, scores: np.ndarray, clusters: np.ndarray | None, categories, *,
            top_per_cluster: int | None = None, target_size: int | None = None,
-           min_share: dict[str, float] | None = None, max_share: dict[str, float] | None = None
-           ) -> SelectionResult:
-    """The rules of the module docstring over columns: ``keys`` (strings or ranks sorting as they do) and
-    ``categories`` (strings) may be lists or Arrow arrays; nothing per row is a Python object."""
+           min_share: dict[str, float] | None = None, max_share: dict[str, float] | None = None,
+           category_names: list[str] | None = None) -> SelectionResult:
+    """The rules of the module docstring over columns: ``keys`` (strings or ranks sorting as they do) may be a
+    list or an Arrow array; ``categories`` are strings, or codes into ``category_names``.  Nothing per row
+    is a Python object."""
     scores = np.nan_to_num(np.asarray(scores, np.float64), nan=-np.inf)
     n = len(scores)
     clusters = np.zeros(n, np.int64) if clusters is None else np.asarray(clusters, np.int64)
     key_order = _key_order(keys) if n else np.zeros(0, np.int64)
     rank = rank_in_clusters(clusters, scores, key_order) if n else np.zeros(0, np.int64)
-    encoded = pc.dictionary_encode(pa.array(categories, pa.string()) if not isinstance(
-        categories, (pa.Array, pa.ChunkedArray)) else categories)
-    if isinstance(encoded, pa.ChunkedArray):
-        encoded = encoded.combine_chunks()
-    names = encoded.dictionary.to_pylist()
-    code = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+    if category_names is None:
+        encoded = pc.dictionary_encode(pa.array(list(categories), pa.string()))
+        names = encoded.dictionary.to_pylist()
+        code = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+    else:
+        names, code = list(category_names), np.asarray(categories, dtype=np.int64)
+    dictionary = pa.array(names, pa.string())
     code_of = {name: i for i, name in enumerate(names)}
 
     dropped_rank = np.flatnonzero(rank >= top_per_cluster) if top_per_cluster is not None else np.zeros(0, np.int64)
@@ -120,16 +122,15 @@ def select(keys, scores: np.ndarray, clusters: np.ndarray | None, categories, *,
     quota, beyond = left[full], left[~full]
     cap_text = pa.array([str(c) for c in cap], pa.string())
     rank_details = pc.binary_join_element_wise(
-        "rank ", pc.cast(pa.array(rank[dropped_rank] + 1), pa.string()), " in cluster ",
-        pc.cast(pa.array(clusters[dropped_rank]), pa.string()), f"; the best {top_per_cluster} are kept", "")
+        "rank ", pc.cast(chunked(rank[dropped_rank] + 1), pa.string()), " in cluster ",
+        pc.cast(chunked(clusters[dropped_rank]), pa.string()), f"; the best {top_per_cluster} are kept", "")
     quota_details = pc.binary_join_element_wise(
-        "category ", encoded.dictionary.take(pa.array(code[quota])), " is full (",
-        cap_text.take(pa.array(code[quota])), " rows)", "")
-    beyond_details = pa.array([f"beyond the target of {target} rows"] * len(beyond), pa.string())
+        "category ", gather(dictionary, code[quota]), " is full (", gather(cap_text, code[quota]), " rows)", "")
+    beyond_details = gather(pa.array([f"beyond the target of {target} rows"]), np.zeros(len(beyond), np.int64))
     rows = np.concatenate([dropped_rank, quota, beyond]).astype(np.int64)
-    reasons = pa.array(np.repeat(["cluster_rank", "category_quota", "target_size"],
-                                 [len(dropped_rank), len(quota), len(beyond)]).tolist(), pa.string())
-    details = pa.concat_arrays([rank_details, quota_details, beyond_details])
+    reasons = gather(pa.array(["cluster_rank", "category_quota", "target_size"]),
+                     np.repeat([0, 1, 2], [len(dropped_rank), len(quota), len(beyond)]))
+    details = pa.chunked_array(rank_details.chunks + quota_details.chunks + beyond_details.chunks, pa.string())
     unmet = {c: {"wanted": w, "selected": int(count[code_of[c]]) if c in code_of else 0}
              for c, w in minimum.items() if (int(count[code_of[c]]) if c in code_of else 0) < w}
     return SelectionResult(chosen, at_rows(n, rows, reasons), at_rows(n, rows, details), rank, unmet)

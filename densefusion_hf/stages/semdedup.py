@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 from densefusion_hf.dedup.semantic import assign_to_centroids, choose_kept, duplicate_groups, train_centroids
 from densefusion_hf.recipe import Recipe
 from densefusion_hf.stages.base import BuildContext, GlobalStage, decision_table
-from densefusion_hf.stages.columnar import at_rows
+from densefusion_hf.stages.columnar import at_rows, gather
 from densefusion_hf.stages.embed import ShardedEmbeddings, embedding_paths
 from densefusion_hf.stages.shards import StageDir, temporary_name
 
@@ -148,14 +148,15 @@ class SemDedup(GlobalStage):
             winner = np.array([start[s] for s in found.column("dup_shard").to_pylist()], np.int64) \
                 + found.column("dup_row").to_numpy().astype(np.int64)
             cosine = pa.array([f"cosine {c:.3f}" for c in found.column("cosine").to_pylist()], pa.string())
+            # one group's duplicates at a time: bounded, so plain arrays
             details.append(pc.binary_join_element_wise(
-                cosine, " to ", keys.take(pa.array(winner)).combine_chunks(), " in cluster ",
+                cosine, " to ", gather(keys, winner).combine_chunks(), " in cluster ",
                 pc.cast(table.column("cluster").take(pa.array(index)), pa.string()).combine_chunks(), ""))
             rows.append(index), winners.append(winner)
         rows, winners = np.concatenate(rows), np.concatenate(winners)
-        reasons = pa.array(["semantic_dup"] * len(rows), pa.string())
-        return decision_table(keys, at_rows(n, rows, reasons), at_rows(n, rows, pa.concat_arrays(details)),
-                              at_rows(n, rows, keys.take(pa.array(winners)).combine_chunks()),
+        reasons = gather(pa.array(["semantic_dup"]), np.zeros(len(rows), np.int64))
+        return decision_table(keys, at_rows(n, rows, reasons), at_rows(n, rows, pa.chunked_array(details, pa.string())),
+                              at_rows(n, rows, gather(keys, winners)),
                               cluster=table.column("cluster"), centroid_similarity=table.column("centroid_similarity"))
 
     def has_outputs(self, ctx: BuildContext) -> bool:
