@@ -20,6 +20,7 @@ import os
 import re
 import shutil
 import signal
+import sys
 import time
 
 import pyarrow as pa
@@ -92,19 +93,20 @@ def img2dataset_options(recipe: Recipe) -> dict:
 
 
 def run_img2dataset(urls_path: str, output_folder: str, rows: int, options: dict,
-                    guard: DownloadGuard | None = None) -> int:
+                    guard: DownloadGuard | None = None, log_path: str | None = None) -> int:
     """Download one of our shards; img2dataset splits it so that each of its processes gets a part.
 
     Returns the number of parts it was given."""
     import img2dataset
 
     from densefusion_hf.netguard.img2dataset_hook import guarded_downloads
+    from densefusion_hf.stages.img2dataset_workers import shared_workers
 
     part_rows = max(1, math.ceil(rows / options.get("processes_count", 1)))
 
     previous = signal.getsignal(signal.SIGINT)
     try:
-        with guarded_downloads(guard or DownloadGuard()):
+        with guarded_downloads(guard or DownloadGuard(), log_path), shared_workers():
             img2dataset.download(
                 url_list=urls_path, input_format="parquet", url_col="url", caption_col="text",
                 save_additional_columns=["row_key"], output_folder=output_folder, output_format="parquet",
@@ -119,6 +121,13 @@ def run_img2dataset(urls_path: str, output_folder: str, rows: int, options: dict
     finally:
         signal.signal(signal.SIGINT, previous)
     return math.ceil(rows / part_rows)
+
+
+def _close_img2dataset_workers() -> None:
+    """Stop the img2dataset workers this process kept, if it started any (without importing img2dataset)."""
+    workers = sys.modules.get("densefusion_hf.stages.img2dataset_workers")
+    if workers is not None:
+        workers.close_pools()
 
 
 class Fetch(ShardStage):
@@ -148,9 +157,11 @@ class Fetch(ShardStage):
     session_allowed: tuple[str, ...] = ()
 
     def session(self, ctx: BuildContext):
-        if not ctx.recipe.source.sample:
-            return contextlib.nullcontext()
         stack = contextlib.ExitStack()
+        # img2dataset's workers serve every shard of the session, then stop (stages.img2dataset_workers)
+        stack.callback(_close_img2dataset_workers)
+        if not ctx.recipe.source.sample:
+            return stack
         server = stack.enter_context(SampleServer(ctx.workdir / "sample" / "files"))
         stack.enter_context(proxied_through(server))
         self.session_allowed = (server.address.split("//", 1)[1],)
@@ -174,7 +185,7 @@ class Fetch(ShardStage):
             options = img2dataset_options(ctx.recipe)
             with output_to_file(log_path):
                 parts = run_img2dataset(str(scratch / "urls.parquet"), str(downloaded), to_download.num_rows,
-                                        options, download_guard(ctx.recipe, self.session_allowed))
+                                        options, download_guard(ctx.recipe, self.session_allowed), str(log_path))
             check_complete(downloaded, parts, log_path)
             results, i2d_stats = DownloadedRows(downloaded), download_stats(downloaded)
 

@@ -1,0 +1,79 @@
+"""img2dataset's worker processes kept from one shard to the next.
+
+``img2dataset.download`` starts a fresh pool of spawned processes and a logger process on every call, and each
+imports img2dataset (torch and albumentations with it: 9-18 s on two busy cores) before anything downloads.
+Fetch calls it once per shard, so it paid that start on every shard: the main part of what fetch cost over
+one img2dataset run on the same URLs (``benchmarks/pipeline_scale.py``).  While ``shared_workers`` is active,
+img2dataset's multiprocessing distributor uses one pool per process and worker count, kept for the next shard
+(workers are still replaced after ``MAX_TASKS`` parts, as img2dataset does, to bound leaks), and its logger
+process, which only prints totals (fetch reads the per-part stats files itself), is not started.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import importlib
+import multiprocessing
+
+from img2dataset.distributor import retrier
+
+# The module, not the ``main`` function that img2dataset's package namespace exports under the same name.
+img2dataset_main = importlib.import_module("img2dataset.main")
+
+MAX_TASKS = 5  # parts a worker downloads before it is replaced (img2dataset's maxtasksperchild)
+_pools: dict[int, multiprocessing.pool.Pool] = {}
+
+
+def close_pools() -> None:
+    """Stop the kept workers (at exit, or after a download was interrupted)."""
+    while _pools:
+        _, pool = _pools.popitem()
+        pool.terminate()
+        pool.join()
+
+
+atexit.register(close_pools)
+
+
+def _distributor(processes_count, downloader, reader, _subjob_size, max_shard_retry):
+    """img2dataset's ``multiprocessing_distributor`` on a kept pool."""
+    pool = _pools.get(processes_count)
+    if pool is None:
+        pool = _pools[processes_count] = multiprocessing.get_context("spawn").Pool(
+            processes_count, maxtasksperchild=MAX_TASKS)
+
+    def run(parts):
+        return [row for ok, row in pool.imap_unordered(downloader, parts) if ok is False]
+
+    try:
+        retrier(run, run(reader), max_shard_retry)
+    except BaseException:
+        close_pools()  # a pool stopped mid-part (Ctrl-C, a worker killed) is not used again
+        raise
+
+
+class _NoLogger:
+    """Stands in for img2dataset's LoggerProcess: nothing to start, join or stop."""
+
+    def __init__(self, *args, **kwargs):
+        self.done_shards = set()
+
+    def start(self) -> None:
+        pass
+
+    def join(self, timeout=None) -> None:
+        pass
+
+    def terminate(self) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def shared_workers():
+    saved = img2dataset_main.multiprocessing_distributor, img2dataset_main.LoggerProcess
+    img2dataset_main.multiprocessing_distributor, img2dataset_main.LoggerProcess = _distributor, _NoLogger
+    try:
+        yield
+    finally:
+        img2dataset_main.multiprocessing_distributor, img2dataset_main.LoggerProcess = saved

@@ -1,0 +1,47 @@
+"""img2dataset's workers serve several shards in turn, each part's output going to its own shard's log, and
+a session's end stops them."""
+
+import json
+import multiprocessing
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from densefusion_hf.netguard.addresses import AddressPolicy
+from densefusion_hf.netguard.opener import DownloadGuard
+from densefusion_hf.stages import img2dataset_workers
+from densefusion_hf.stages.fetch import _close_img2dataset_workers, run_img2dataset
+
+OPTIONS = dict(timeout=10, retries=0, processes_count=1, thread_count=4, resize_mode="no",
+               disable_all_reencoding=True)
+
+
+def _shard(tmp_path, name, urls):
+    folder = tmp_path / name
+    folder.mkdir()
+    pq.write_table(pa.table({"url": urls, "text": [""] * len(urls), "row_key": [f"{name}-{i}" for i in range(len(urls))]}),
+                   folder / "urls.parquet")
+    return folder
+
+
+def test_workers_are_kept_across_shards_with_each_shards_output_in_its_log(tmp_path, image_server, photo_files):
+    guard = DownloadGuard(AddressPolicy.from_environment(False))
+    good = [f"{image_server}/{p}" for p in photo_files if p.startswith("img/")]
+    runs = {}
+    for name, urls in (("a", good[:3]), ("b", good[3:] + [f"{image_server}/nothing-here.jpg"])):
+        folder = _shard(tmp_path, name, urls)
+        log = folder / "img2dataset.log"
+        parts = run_img2dataset(str(folder / "urls.parquet"), str(folder / "out"), len(urls), OPTIONS, guard, str(log))
+        stats = json.loads((folder / "out" / "00000_stats.json").read_text())
+        pool = img2dataset_workers._pools[1]
+        runs[name] = (parts, stats, {p.pid for p in pool._pool}, log.exists())
+    (parts_a, stats_a, pids_a, log_a), (parts_b, stats_b, pids_b, log_b) = runs["a"], runs["b"]
+    assert parts_a == parts_b == 1
+    assert stats_a["successes"] == 3 and stats_b["successes"] == len(good) - 3 and stats_b["count"] == len(good) - 2
+    assert pids_a == pids_b  # the second shard was downloaded by the first shard's worker
+    assert "404" in json.dumps(stats_b["status_dict"])
+    # Only the worker writes these logs here (the caller does not open them): each part's own shard log.
+    assert log_a and log_b
+    _close_img2dataset_workers()
+    assert not img2dataset_workers._pools
+    assert all(not p.is_alive() for p in multiprocessing.active_children() if p.pid in pids_a)
