@@ -51,6 +51,11 @@ def chunked(values: np.ndarray, type: pa.DataType | None = None) -> pa.ChunkedAr
     return pa.chunked_array(chunks, type or pa.from_numpy_dtype(np.asarray(values).dtype))
 
 
+def concatenate(arrays: list[np.ndarray], dtype, shape: tuple = ()) -> np.ndarray:
+    """Per-shard arrays joined into one; an empty array of ``dtype`` (and row ``shape``) when there are none."""
+    return np.concatenate(arrays) if arrays else np.zeros((0, *shape), dtype)
+
+
 def ranks(values: pa.Array | pa.ChunkedArray) -> np.ndarray:
     """Each value's position in ascending order (ties by position): a sortable int64 stand-in for strings."""
     order = pc.sort_indices(values).to_numpy()

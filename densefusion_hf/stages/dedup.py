@@ -10,7 +10,7 @@ threshold are decided on full-decode hashes, as imagehash computes them) and kee
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -22,7 +22,7 @@ from densefusion_hf.dedup.phash import phash_many, refined_pairs
 from densefusion_hf.dedup.semantic import choose_kept
 from densefusion_hf.dedup.unionfind import connected_components
 from densefusion_hf.recipe import Recipe
-from densefusion_hf.stages.columnar import at_rows, chunked, gather, hex_to_uint64, ranks, uint64_to_hex
+from densefusion_hf.stages.columnar import at_rows, chunked, concatenate, gather, hex_to_uint64, ranks, uint64_to_hex
 from densefusion_hf.stages.shards import StageDir
 from densefusion_hf.stages.base import BuildContext, GlobalStage, decision_table, image_batches
 
@@ -61,6 +61,12 @@ def keep_order(pixels: np.ndarray, similarity: np.ndarray, keys, fidelity_rank: 
     rank = np.empty(len(order), dtype=np.int64)
     rank[order] = np.arange(len(order))
     return rank
+
+
+def _fetched_images(ctx: BuildContext, shard: str, keys: pa.Array) -> pa.Table:
+    """The keys and image bytes of these rows of one of fetch's shards."""
+    images = ctx.stage_dir("fetch").read(shard, columns=["key", "image"])
+    return images.filter(pc.is_in(images.column("key"), keys))
 
 
 class Dedup(GlobalStage):
@@ -105,8 +111,7 @@ class Dedup(GlobalStage):
         result: dict[str, int | None] = {}
         for shard in sorted({s for s, _ in wanted}):
             keys = {k for s, k in wanted if s == shard}
-            images = ctx.stage_dir("fetch").read(shard, columns=["key", "image"])
-            images = images.filter(pc.is_in(images.column("key"), pa.array(sorted(keys))))
+            images = _fetched_images(ctx, shard, pa.array(sorted(keys), pa.string()))
             hashes = phash_many(images.column("image").to_pylist(), hash_size=settings.hash_size,
                                 algorithm=settings.algorithm, processes=settings.processes, draft=False)
             result.update(zip(images.column("key").to_pylist(), hashes))
@@ -123,8 +128,7 @@ class Dedup(GlobalStage):
         for shard_index in np.unique(columns.shard_of[in_group]):
             at = np.flatnonzero(columns.shard_of[in_group] == shard_index)
             wanted = gather(columns.keys, in_group[at]).combine_chunks()
-            images = ctx.stage_dir("fetch").read(columns.shards[shard_index], columns=["key", "image"])
-            images = images.filter(pc.is_in(images.column("key"), wanted))
+            images = _fetched_images(ctx, columns.shards[shard_index], wanted)
             found = dict(zip(images.column("key").to_pylist(), map(fidelity, images.column("image").to_pylist())))
             quality[at] = [found.get(key, (0, 0.0, 0.0)) for key in wanted.to_pylist()]
         rank = np.zeros(n, dtype=np.int64)
@@ -173,14 +177,20 @@ class Dedup(GlobalStage):
                               at_rows(n, dropped, dup_keys), phash=uint64_to_hex(phash, have_phash, width))
 
 
+@dataclass
 class _Columns:
     """What dedup's decision needs of every row, read one shard at a time into fixed-width arrays: the keys
     (Arrow), each SHA-256 as four 64-bit words, the draft perceptual hash, pixels, similarity and the shard."""
 
-    def __init__(self, shards, keys, sha256, sha256_valid, phash, phash_valid, pixels, similarity, shard_of):
-        self.shards, self.keys, self.shard_of = shards, keys, shard_of
-        self.sha256, self.sha256_valid, self.phash, self.phash_valid = sha256, sha256_valid, phash, phash_valid
-        self.pixels, self.similarity = pixels, similarity
+    shards: list[str]
+    keys: pa.ChunkedArray
+    sha256: np.ndarray          # (n, 4) uint64
+    sha256_valid: np.ndarray
+    phash: np.ndarray           # uint64, 0 where not valid
+    phash_valid: np.ndarray
+    pixels: np.ndarray
+    similarity: np.ndarray
+    shard_of: np.ndarray        # index into shards
 
     @classmethod
     def read(cls, source: StageDir, measures: StageDir | None, shards: list[str]) -> "_Columns":
@@ -205,11 +215,7 @@ class _Columns:
                           .astype(np.float64))
             similarity.append(part.column("similarity").to_numpy(zero_copy_only=False).astype(np.float64))
             sizes.append(part.num_rows)
-
-        def joined(arrays, dtype, shape=()):
-            return np.concatenate(arrays) if arrays else np.zeros((0, *shape), dtype)
-
-        return cls(shards, pa.chunked_array(keys, pa.string()), joined(words, np.uint64, (4,)),
-                   joined(digest_valid, bool), joined(hashes, np.uint64), joined(hash_valid, bool),
-                   joined(pixels, np.float64), joined(similarity, np.float64),
+        return cls(shards, pa.chunked_array(keys, pa.string()), concatenate(words, np.uint64, (4,)),
+                   concatenate(digest_valid, bool), concatenate(hashes, np.uint64), concatenate(hash_valid, bool),
+                   concatenate(pixels, np.float64), concatenate(similarity, np.float64),
                    np.repeat(np.arange(len(shards), dtype=np.int32), sizes))

@@ -23,7 +23,7 @@ from densefusion_hf.recipe import Recipe
 from densefusion_hf.stages.selection import cluster_size_histogram, random_subset, select
 from densefusion_hf.stages.shards import StageDir, atomic_write_json, temporary_name
 from densefusion_hf.stages.base import BuildContext, GlobalStage, decision_table
-from densefusion_hf.stages.columnar import at_rows, gather, ranks
+from densefusion_hf.stages.columnar import at_rows, concatenate, gather, ranks
 from densefusion_hf.stages.embed import embedding_paths, load_embeddings
 from densefusion_hf.stages.ingest import filter_reason
 
@@ -100,8 +100,8 @@ class Select(GlobalStage):
         names = [c.name for c in settings.categories]
         prototypes = None  # the categories' embeddings, made when a shard first has rows to score
         other = len(names)  # the category code of "other"
-        keys, score, cluster, category, category_score, filtered, filter_reasons, filter_details = \
-            ([] for _ in range(8))
+        keys, score, cluster, category, category_score, filtered, candidates, filter_reasons, filter_details = \
+            ([] for _ in range(9))
         offset = 0
         for shard in shards:
             part = source.read(shard, columns=columns)
@@ -116,29 +116,25 @@ class Select(GlobalStage):
                 cluster.append(part.column("cluster").to_numpy(zero_copy_only=False).astype(np.int64))
             codes = np.full(part.num_rows, other, np.int16)
             best_score = np.full(part.num_rows, np.nan, np.float32)
-            candidates = np.setdiff1d(np.arange(part.num_rows), filtered[-1] - offset)
-            if settings.categories and len(candidates):
+            scored = np.setdiff1d(np.arange(part.num_rows), filtered[-1] - offset)  # this shard's candidates
+            if settings.categories and len(scored):
                 if prototypes is None:
                     names, prototypes = category_prototypes(ctx)
-                similarity = shard_embeddings(ctx, shard, part.column("key").take(pa.array(candidates)).to_pylist()) \
+                similarity = shard_embeddings(ctx, shard, part.column("key").take(pa.array(scored)).to_pylist()) \
                     @ prototypes.T
                 best = similarity.argmax(axis=1)
-                best_score[candidates] = similarity[np.arange(len(candidates)), best]
-                codes[candidates] = np.where(best_score[candidates] >= settings.category_threshold, best, other)
-            category.append(codes), category_score.append(best_score)
+                best_score[scored] = similarity[np.arange(len(scored)), best]
+                codes[scored] = np.where(best_score[scored] >= settings.category_threshold, best, other)
+            category.append(codes), category_score.append(best_score), candidates.append(scored + offset)
             offset += part.num_rows
-
-        def joined(arrays, dtype):
-            return np.concatenate(arrays) if arrays else np.zeros(0, dtype)
 
         keys = pa.chunked_array(keys, pa.string())
         n = len(keys)
         category_names = pa.array(names + ["other"], pa.string())
-        category, category_score = joined(category, np.int16), joined(category_score, np.float32)
-        filtered = joined(filtered, np.int64)
-        candidates = np.setdiff1d(np.arange(n), filtered)
-        clusters = joined(cluster, np.int64) if "cluster" in schema_names else None
-        result = select(ranks(keys)[candidates], joined(score, np.float64)[candidates],
+        category, category_score = concatenate(category, np.int16), concatenate(category_score, np.float32)
+        filtered, candidates = concatenate(filtered, np.int64), concatenate(candidates, np.int64)
+        clusters = concatenate(cluster, np.int64) if "cluster" in schema_names else None
+        result = select(ranks(keys)[candidates], concatenate(score, np.float64)[candidates],
                         clusters[candidates] if clusters is not None else None,
                         category[candidates], category_names=names + ["other"],
                         top_per_cluster=settings.top_per_cluster, target_size=settings.target_size,
@@ -170,8 +166,7 @@ class Select(GlobalStage):
         })
         return decision_table(keys, at_rows(n, rows, reasons), at_rows(n, rows, details),
                               category=gather(category_names, category),
-                              category_score=pa.array(category_score, pa.float32(),
-                                                      mask=~is_candidate if prototypes is not None else None)
+                              category_score=pa.array(category_score, pa.float32(), mask=~is_candidate)
                               if prototypes is not None else pa.nulls(n, pa.float32()),
                               cluster_rank=pa.array(cluster_rank, pa.int64(), mask=~is_candidate))
 

@@ -140,13 +140,16 @@ class SemDedup(GlobalStage):
         table = pa.concat_tables(parts) if parts else ASSIGN_SCHEMA.empty_table()
         keys, n = table.column("key"), table.num_rows
         start = dict(zip(shards, np.cumsum([0] + [p.num_rows for p in parts]).tolist()))
+
+        def position(found: pa.Table, shard: str, row: str) -> np.ndarray:
+            """Rows of the decision named as (shard, row in the shard)."""
+            return (np.array([start[s] for s in found.column(shard).to_pylist()], np.int64)
+                    + found.column(row).to_numpy().astype(np.int64))
+
         rows, details, winners = [np.zeros(0, np.int64)], [pa.array([], pa.string())], [np.zeros(0, np.int64)]
         for path in sorted(groups_dir.glob("group-*.parquet")):  # the duplicates found, one group at a time
             found = pq.read_table(path)
-            index = np.array([start[s] for s in found.column("shard").to_pylist()], np.int64) \
-                + found.column("row").to_numpy().astype(np.int64)
-            winner = np.array([start[s] for s in found.column("dup_shard").to_pylist()], np.int64) \
-                + found.column("dup_row").to_numpy().astype(np.int64)
+            index, winner = position(found, "shard", "row"), position(found, "dup_shard", "dup_row")
             cosine = pa.array([f"cosine {c:.3f}" for c in found.column("cosine").to_pylist()], pa.string())
             # one group's duplicates at a time: bounded, so plain arrays
             details.append(pc.binary_join_element_wise(
