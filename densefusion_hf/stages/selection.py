@@ -43,30 +43,27 @@ def _key_order(keys) -> np.ndarray:
     return ranks(keys if isinstance(keys, (pa.Array, pa.ChunkedArray)) else pa.array(list(keys), pa.string()))
 
 
+def _place_in_group(groups: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """For each row, how many rows of its group come before it in ``order`` (which sorts by group first)."""
+    n = len(groups)
+    sorted_groups = groups[order]
+    starts = np.ones(n, dtype=bool)
+    starts[1:] = sorted_groups[1:] != sorted_groups[:-1]
+    position = np.arange(n)
+    place = np.empty(n, dtype=np.int64)
+    place[order] = position - np.maximum.accumulate(np.where(starts, position, 0))
+    return place
+
+
 def rank_in_clusters(clusters: np.ndarray, scores: np.ndarray, keys) -> np.ndarray:
     """0-based rank of each row in its cluster: higher score first, then smaller key."""
     clusters = np.asarray(clusters)
-    n = len(clusters)
-    order = np.lexsort((_key_order(keys), -np.asarray(scores, np.float64), clusters))
-    rank = np.empty(n, dtype=np.int64)
-    sorted_clusters = clusters[order]
-    starts = np.ones(n, dtype=bool)
-    starts[1:] = sorted_clusters[1:] != sorted_clusters[:-1]
-    group_start = np.maximum.accumulate(np.where(starts, np.arange(n), 0))
-    rank[order] = np.arange(n) - group_start
-    return rank
+    return _place_in_group(clusters, np.lexsort((_key_order(keys), -np.asarray(scores, np.float64), clusters)))
 
 
 def _running_count(codes: np.ndarray) -> np.ndarray:
     """For each position, how many earlier positions hold the same code."""
-    order = np.argsort(codes, kind="stable")
-    sorted_codes = codes[order]
-    starts = np.ones(len(codes), dtype=bool)
-    starts[1:] = sorted_codes[1:] != sorted_codes[:-1]
-    position = np.arange(len(codes))
-    count = np.empty(len(codes), dtype=np.int64)
-    count[order] = position - np.maximum.accumulate(np.where(starts, position, 0))
-    return count
+    return _place_in_group(codes, np.argsort(codes, kind="stable"))
 
 
 def select(keys, scores: np.ndarray, clusters: np.ndarray | None, categories, *,
