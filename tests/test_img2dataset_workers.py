@@ -1,8 +1,14 @@
 """img2dataset's workers serve several shards in turn, each part's output going to its own shard's log, and
-a session's end stops them."""
+a session's end stops them, as does the death of the process that started them."""
 
+import contextlib
 import json
 import multiprocessing
+import signal
+import subprocess
+import sys
+
+import psutil
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -45,3 +51,26 @@ def test_workers_are_kept_across_shards_with_each_shards_output_in_its_log(tmp_p
     _close_img2dataset_workers()
     assert not img2dataset_workers._pools
     assert all(not p.is_alive() for p in multiprocessing.active_children() if p.pid in pids_a)
+
+
+def test_a_killed_process_stops_its_busy_img2dataset_workers_at_once(tmp_path):
+    # A parent killed by SIGKILL runs no exit handler: its spawned workers would go on with the part they hold
+    # (here a 10-minute one), writing into the scratch folder that the rerun downloads into.
+    code = ("import os, sys, time; from densefusion_hf.stages.img2dataset_workers import new_pool; "
+            "pool = new_pool(2); pool.map(abs, range(2), chunksize=1); "
+            "pool.map_async(time.sleep, [600, 600], chunksize=1); time.sleep(2); "
+            "print(*(p.pid for p in pool._pool), flush=True); time.sleep(600)")
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    workers = []
+    try:
+        workers = [psutil.Process(int(pid)) for pid in parent.stdout.readline().split()]
+        assert len(workers) == 2 and all(w.is_running() and w.ppid() == parent.pid for w in workers)
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(timeout=30)
+        gone, alive = psutil.wait_procs(workers, timeout=30)
+        assert not alive, [w.pid for w in alive]
+    finally:
+        parent.kill()
+        for worker in workers:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                worker.kill()

@@ -3,6 +3,7 @@ driver killed mid-build, a work directory a node cannot see, and settings the cl
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -12,11 +13,13 @@ import threading
 import time
 from pathlib import Path
 
+import psutil
 import pyarrow.parquet as pq
 import pytest
 
 from densefusion_hf.errors import RecipeError, UserError
 from densefusion_hf.recipe import load_recipe
+from densefusion_hf.stages.shards import StageDir
 from tests.conftest import DEMO_RECIPE, REPO, run_cli, write_recipe
 
 ray = pytest.importorskip("ray")
@@ -92,6 +95,49 @@ def test_a_caption_actor_killed_mid_shard_is_replaced_and_the_rows_are_identical
     assert killed is not None, "the caption stage finished before an actor could be killed"
     assert executor.actors_started["caption"] > executor.pool_sizes["caption"]  # a replacement was started
     assert _dataset_rows(workdir) == _dataset_rows(demo_build)
+
+
+def _img2dataset_workers_of_actors() -> dict[int, int]:
+    """img2dataset's spawned workers whose parent is a Ray actor of the runner: {worker pid: actor pid}."""
+    found = {}
+    for proc in psutil.process_iter(["pid", "ppid", "cmdline"]):
+        if "spawn_main" in " ".join(proc.info["cmdline"] or ()):
+            with contextlib.suppress(psutil.Error):
+                if "_StageWorker" in " ".join(psutil.Process(proc.info["ppid"]).cmdline()):
+                    found[proc.info["pid"]] = proc.info["ppid"]
+    return found
+
+
+def test_fetch_actors_keep_img2dataset_workers_from_shard_to_shard_then_stop_them(tmp_path, local_ray):
+    from densefusion_hf.runners.local import build
+    from densefusion_hf.runners.ray import RayExecutor
+
+    recipe, workdir = load_recipe(DEMO_RECIPE), tmp_path / "work"
+    executor = RayExecutor(recipe, "rerun")
+    build(recipe, workdir, only="ingest", show_progress=False, executor=executor)
+    shards = len(StageDir(workdir, "ingest").done_shards())
+    seen: dict[int, int] = {}
+    stop = threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            seen.update(_img2dataset_workers_of_actors())
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        build(recipe, workdir, only="fetch", show_progress=False, executor=executor)
+    finally:
+        stop.set()
+        watcher.join()
+    assert len(StageDir(workdir, "fetch").done_shards()) == shards
+    # Fewer actors than shards, and each actor's one img2dataset worker (fetch.processes: 1) served all its
+    # shards: no worker was started per shard.
+    assert executor.actors_started["fetch"] == executor.pool_sizes["fetch"] < shards
+    assert seen and len(seen) <= executor.pool_sizes["fetch"], seen
+    _, alive = psutil.wait_procs([psutil.Process(pid) for pid in seen if psutil.pid_exists(pid)], timeout=30)
+    assert not alive  # the actors left their sessions, which stopped the workers
 
 
 def test_a_killed_driver_is_resumed_by_the_same_command(demo_build, tmp_path):

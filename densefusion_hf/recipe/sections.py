@@ -456,9 +456,9 @@ class Workers:
 
     cpus: float = option(1, gt=0, help="CPUs each worker (Ray task or actor) reserves")
     gpus: float = option(0, ge=0, help="GPUs each worker reserves; a fraction shares one (0.5: two workers a GPU)")
-    workers: Optional[int] = option(None, ge=1, help="actors of a stage that holds a model (embed, caption; "
-                                                     "default: as many as the cluster's resources fit), or "
-                                                     "tasks in flight for the others (default: no limit)")
+    workers: Optional[int] = option(None, ge=1, help="actors of fetch, embed and caption (default: as many as "
+                                                     "the cluster's resources fit), or tasks in flight for the "
+                                                     "others (default: no limit)")
     max_workers: Optional[int] = option(None, ge=1, help="autoscaling: start `workers` actors and add more, up "
                                                          "to this many, while shards wait and the cluster has room")
     batch_size: Optional[int] = option(None, ge=1, help="images per model call on these workers (embed: "
@@ -472,8 +472,9 @@ class Runner:
     max_retries: int = option(3, ge=0, help="a shard whose worker dies (killed, out of memory, node lost) is "
                                             "retried this many times on another worker, then the build stops")
     ingest: Workers = option(factory=Workers, help="metadata reading and filtering, one task per shard")
-    fetch: Workers = option(factory=Workers, help="img2dataset downloads, one task per shard (give it the "
-                                                  "CPUs of fetch.processes)")
+    fetch: Workers = option(factory=Workers, help="img2dataset downloads: actors that keep img2dataset's "
+                                                  "workers from shard to shard (give each the CPUs of "
+                                                  "fetch.processes)")
     dedup: Workers = option(factory=Workers, help="perceptual hashing, one task per shard")
     embed: Workers = option(factory=Workers, help="CLIP / SigLIP embedding actors")
     semdedup: Workers = option(factory=Workers, help="centroid assignment and within-cluster search tasks")

@@ -3,8 +3,10 @@
 ``build`` is the local runner's ``build`` with a ``RayExecutor``: planning, fingerprints, the lock and the
 manifest stay on the driver, and every ``ctx.executor.map`` call of a stage becomes Ray work:
 
-- a stage that holds a model (embed, caption) runs in a pool of actors, each entering the stage's ``session``
-  once (its setup: the model loaded on the GPU the recipe's ``runner`` section gives it), then taking shards;
+- a stage whose session is costly to enter (``session_per_worker``: embed and caption load a model, fetch starts
+  img2dataset's worker processes) runs in a pool of actors, each entering the stage's ``session`` once (the
+  model loaded on the GPU the recipe's ``runner`` section gives it), then taking shards, and leaving the
+  session when the stage ends;
 - everything else runs as Ray tasks (``runner.<stage>.cpus`` / ``gpus`` each).
 
 Workers read and write shards in the work directory, which every node must mount at the same path; only
@@ -95,7 +97,8 @@ def _call(ctx, stage, method: str, item, args: tuple, session: bool):
 
 
 class _StageWorker:
-    """A Ray actor holding one stage's session (its model) for all the shards it is given."""
+    """A Ray actor holding one stage's session (its model, its worker processes) for all the shards it is
+    given, until ``close``."""
 
     def __init__(self, ctx, stage):
         ctx.executor = SerialExecutor()
@@ -108,6 +111,10 @@ class _StageWorker:
 
     def pid(self) -> int:
         return os.getpid()
+
+    def close(self) -> None:
+        """Leave the session: what it started (img2dataset's workers, a server) stops with it."""
+        self.session.__exit__(None, None, None)
 
 
 def _probe(path: str, token: str) -> tuple[str, bool, str]:
@@ -190,7 +197,7 @@ class RayExecutor:
             return
         workers: Workers = getattr(self.runner, stage.name) if heavy else Workers()
         wctx = _stage_ctx(ctx, stage.name, workers)
-        if session and stage.holds_model and heavy:
+        if session and stage.session_per_worker and heavy:
             yield from self._map_actors(wctx, stage, method, items, args, workers)
         else:
             yield from self._map_tasks(wctx, stage, method, items, args, workers, session)
@@ -259,6 +266,7 @@ class RayExecutor:
         self.pool_sizes[stage.name] = self._pool_size(workers, len(items))
         idle = [self._new_actor(ctx_ref, stage, workers) for _ in range(self.pool_sizes[stage.name])]
         queue, pending, attempts = list(items), {}, {}
+        finished = False
         try:
             while queue or pending:
                 while queue and idle:
@@ -285,14 +293,22 @@ class RayExecutor:
                     raise self._failed(stage, item, exc) from None
                 idle.append(actor)
                 yield item, result
+            finished = True
         finally:
-            for actor in self.actors.pop(stage.name, []):
-                ray.kill(actor)
+            # After a failure the busy actors are not waited for: killing them stops their workers too.
+            self._stop_actors(self.actors.pop(stage.name, []), grace_s=30 if finished else 0)
+
+    def _stop_actors(self, actors: list, grace_s: float = 30) -> None:
+        """Each actor leaves its session, waited for at most ``grace_s``, then is killed."""
+        closing = [actor.close.remote() for actor in actors] if grace_s else []
+        if closing:
+            self.ray.wait(closing, num_returns=len(closing), timeout=grace_s)
+        for actor in actors:
+            self.ray.kill(actor)
 
     def close(self) -> None:
         for actors in self.actors.values():
-            for actor in actors:
-                self.ray.kill(actor)
+            self._stop_actors(actors, grace_s=0)  # only a stage stopped midway leaves actors here
         self.actors.clear()
         if self.started:  # a Ray this build started (or joined) ends with it
             self.ray.shutdown()

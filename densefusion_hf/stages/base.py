@@ -62,8 +62,10 @@ class Stage:
 class ShardStage(Stage):
     """One output shard per input shard of the upstream stage."""
 
-    #: Holds a model in its session: on a cluster it runs in actors that load it once (else in tasks).
-    holds_model = False
+    #: Its session is costly to enter (a model loaded, img2dataset's worker processes started): on a cluster
+    #: the stage runs in actors that enter it once each and take shard after shard (else in tasks, one
+    #: session per shard).
+    session_per_worker = False
 
     def session(self, ctx: BuildContext):
         """Resources held while shards run (a server, a loaded model); entered once per run, or once per

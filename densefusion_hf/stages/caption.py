@@ -203,7 +203,7 @@ class Captioner:
 
 class Caption(ShardStage):
     name = "caption"
-    holds_model = True
+    session_per_worker = True  # the model, loaded once per worker
 
     def params(self, recipe: Recipe) -> dict:
         caption = recipe.caption

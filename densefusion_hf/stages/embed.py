@@ -70,7 +70,7 @@ class ShardedEmbeddings:
 
 class Embed(ShardStage):
     name = "embed"
-    holds_model = True
+    session_per_worker = True  # the model, loaded once per worker
 
     def params(self, recipe: Recipe) -> dict:
         # The dtype changes the numbers a little ('auto' is resolved, so moving a half-built work directory

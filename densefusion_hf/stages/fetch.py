@@ -132,6 +132,7 @@ def _close_img2dataset_workers() -> None:
 
 class Fetch(ShardStage):
     name = "fetch"
+    session_per_worker = True  # img2dataset's worker processes, started once per worker (9-18 s each)
 
     def params(self, recipe: Recipe) -> dict:
         params: dict = {"resize_max_side": recipe.fetch.resize.max_side}
@@ -158,7 +159,8 @@ class Fetch(ShardStage):
 
     def session(self, ctx: BuildContext):
         stack = contextlib.ExitStack()
-        # img2dataset's workers serve every shard of the session, then stop (stages.img2dataset_workers)
+        # img2dataset's workers serve every shard of the session (the whole stage locally, one actor's shards
+        # on Ray), then stop (stages.img2dataset_workers)
         stack.callback(_close_img2dataset_workers)
         if not ctx.recipe.source.sample:
             return stack

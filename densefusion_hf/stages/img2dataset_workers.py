@@ -13,8 +13,12 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import ctypes
 import importlib
 import multiprocessing
+import os
+import signal
+import sys
 
 from img2dataset.distributor import retrier
 
@@ -36,12 +40,31 @@ def close_pools() -> None:
 atexit.register(close_pools)
 
 
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+
+def _die_with_parent(parent: int) -> None:
+    """In each worker: be killed when the process that started it dies, even by SIGKILL (Linux). Otherwise
+    a worker of a killed build or Ray actor finishes the part it holds, writing into the scratch folder that
+    the rerun downloads into (an idle one exits when its task queue closes)."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:  # the parent died before the request was made
+            os._exit(1)
+
+
+def new_pool(processes: int) -> multiprocessing.pool.Pool:
+    """The pool img2dataset's distributor would start (spawned, replaced after ``MAX_TASKS``), whose workers
+    die with this process."""
+    return multiprocessing.get_context("spawn").Pool(processes, initializer=_die_with_parent,
+                                                     initargs=(os.getpid(),), maxtasksperchild=MAX_TASKS)
+
+
 def _distributor(processes_count, downloader, reader, _subjob_size, max_shard_retry):
     """img2dataset's ``multiprocessing_distributor`` on a kept pool."""
     pool = _pools.get(processes_count)
     if pool is None:
-        pool = _pools[processes_count] = multiprocessing.get_context("spawn").Pool(
-            processes_count, maxtasksperchild=MAX_TASKS)
+        pool = _pools[processes_count] = new_pool(processes_count)
 
     def run(parts):
         return [row for ok, row in pool.imap_unordered(downloader, parts) if ok is False]
