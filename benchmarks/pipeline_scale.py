@@ -85,7 +85,9 @@ def write_inputs(folder: Path, base_url: str, paths: list[str]) -> Path:
                   "allow_networks": [base_url.split("//", 1)[1]]},  # exactly the loopback server
         "dedup": {"processes": 1},
         "embed": {"model": "sample:tiny-clip", "batch_size": 64},
-        "semdedup": {"clusters": max(4, len(urls) // 200), "eps": 0.002},
+        # The tiny random CLIP puts distinct photos about 1e-3 apart in cosine distance, so a larger eps chains
+        # most of them into one group: 1e-4 keeps them, and the stages after see rows in proportion to N.
+        "semdedup": {"clusters": max(4, len(urls) // 200), "eps": 1e-4},
         "select": {"top_per_cluster": 150},
         "caption": {"engine": "template", "experts": {"ocr": {"engine": None}}, "rows_per_chunk": 500},
         "publish": {"min_shards": 2},
