@@ -144,12 +144,24 @@ def _distinct_pairs(u: np.ndarray, t: int, chunks: Sequence[tuple[int, int]] | N
 
 def _search_chunk(u: np.ndarray, t: int, shift: int, width: int, radius: int) -> list[np.ndarray]:
     """Verified pairs (indices into ``u``) among those whose chunk values differ in <= ``radius`` bits."""
-    chunk = ((u >> np.uint64(shift)) & np.uint64((1 << width) - 1)).astype(np.int64)
+    # Temporaries of n elements are freed or updated in place as soon as they can be: at a billion hashes
+    # each one is 8 GB, and this is the dedup decision's peak memory.
+    low = np.uint64((1 << width) - 1)
+    chunk = (u >> np.uint64(shift)).astype(np.int64)
+    chunk &= np.int64(low)
     order = np.argsort(chunk, kind="stable")
+    del chunk
     hs = u[order]
-    first = np.flatnonzero(np.r_[True, chunk[order[1:]] != chunk[order[:-1]]])  # buckets, sorted
+    sorted_chunk = hs >> np.uint64(shift)
+    sorted_chunk &= low
+    edge = np.empty(len(hs), dtype=bool)
+    edge[0] = True
+    np.not_equal(sorted_chunk[1:], sorted_chunk[:-1], out=edge[1:])
+    first = np.flatnonzero(edge)  # buckets, sorted
+    del edge
     size = np.diff(np.r_[first, len(u)])
-    values = chunk[order[first]]
+    values = sorted_chunk[first].view(np.int64)  # below 2**width: the same numbers
+    del sorted_chunk
     found: list[np.ndarray] = []
 
     def verify(left: np.ndarray, right: np.ndarray) -> None:
@@ -159,9 +171,10 @@ def _search_chunk(u: np.ndarray, t: int, shift: int, width: int, radius: int) ->
             found.append(np.stack([order[a[ok]], order[b[ok]]], axis=1))
 
     # Radius 0: pairs inside a bucket; each position pairs with the rest of its bucket.
-    partners = np.repeat(first + size, size) - np.arange(len(hs)) - 1
+    partners = _later_in_group(first, size)
     rows = np.flatnonzero(partners)
     verify(rows, np.stack([rows + 1, partners[rows]], axis=1))
+    del partners, rows
     if radius == 0:
         return found
 
@@ -172,13 +185,17 @@ def _search_chunk(u: np.ndarray, t: int, shift: int, width: int, radius: int) ->
     # keeps both folds in one 64-bit entry), so a candidate costs two lookups and only the few
     # survivors are verified exactly. Buckets of 3+ hashes (rare unless hashes cluster) skip it.
     nwords = 1 << max(0, width - 6)
-    rest = hs & ~np.uint64(((1 << width) - 1) << shift)
-    fold = (rest ^ (rest >> np.uint64(32))) & _LOW32
+    others = ~np.uint64(((1 << width) - 1) << shift)
+
+    def fold(positions: np.ndarray) -> np.ndarray:
+        rest = hs[positions] & others
+        return (rest ^ (rest >> np.uint64(32))) & _LOW32
+
     small = np.flatnonzero(size <= 2)
     two = bool((size == 2).any())
-    entry = fold[first[small]]
+    entry = fold(first[small])
     if two:  # a singleton repeats its fold in the high half: that only re-tests the same pair
-        second = fold[np.minimum(first[small] + 1, len(hs) - 1)]
+        second = fold(np.minimum(first[small] + 1, len(hs) - 1))
         entry |= np.where(size[small] == 2, second, entry) << np.uint64(32)
     table = np.empty(1 << width, dtype=np.uint64 if two else np.uint32)  # only occupied values are read
     table[values[small]] = entry.astype(table.dtype)
@@ -219,6 +236,14 @@ def _search_chunk(u: np.ndarray, t: int, shift: int, width: int, radius: int) ->
             verify(_ranges(first[a], size[a]),
                    np.stack([np.repeat(first[b], size[a]), np.repeat(size[b], size[a])], axis=1))
     return found
+
+
+def _later_in_group(start: np.ndarray, size: np.ndarray) -> np.ndarray:
+    """For each position of consecutive groups (``start``, ``size``): how many later positions its group has,
+    computed in place (one array of ``sum(size)``, no temporaries of that length)."""
+    later = np.repeat(start + size - 1, size)
+    later -= np.arange(len(later))
+    return later
 
 
 def _rank(words: np.ndarray, before: np.ndarray, v: np.ndarray) -> np.ndarray:
@@ -297,10 +322,12 @@ def _expand_groups(pairs: np.ndarray, inverse: np.ndarray, counts: np.ndarray) -
     members = np.argsort(inverse, kind="stable")  # grouped by distinct hash, ascending in a group
     gstart = np.cumsum(counts) - counts
     # Copies of one hash: each member pairs with the later members of its group.
-    later = np.repeat(gstart + counts, counts) - np.arange(n) - 1
+    later = _later_in_group(gstart, counts)
     rows = np.flatnonzero(later)
+    copies = np.stack([rows + 1, later[rows]], axis=1)
+    del later
     keys = [np.zeros(0, dtype=np.int64)]
-    for a, b in _expand(rows, np.stack([rows + 1, later[rows]], axis=1)):
+    for a, b in _expand(rows, copies):
         keys.append(members[a] * n + members[b])
     # Distinct hashes a, b: every member of a with every member of b.
     a, b = pairs[:, 0], pairs[:, 1]
