@@ -4,6 +4,7 @@ a session's end stops them, as does the death of the process that started them."
 import contextlib
 import json
 import multiprocessing
+import select
 import signal
 import subprocess
 import sys
@@ -63,6 +64,8 @@ def test_a_killed_process_stops_its_busy_img2dataset_workers_at_once(tmp_path):
     parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     workers = []
     try:
+        ready, _, _ = select.select([parent.stdout], [], [], 120)
+        assert ready, "the pool's workers did not start within 2 minutes"
         workers = [psutil.Process(int(pid)) for pid in parent.stdout.readline().split()]
         assert len(workers) == 2 and all(w.is_running() and w.ppid() == parent.pid for w in workers)
         parent.send_signal(signal.SIGKILL)

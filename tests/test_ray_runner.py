@@ -135,9 +135,39 @@ def test_fetch_actors_keep_img2dataset_workers_from_shard_to_shard_then_stop_the
     # Fewer actors than shards, and each actor's one img2dataset worker (fetch.processes: 1) served all its
     # shards: no worker was started per shard.
     assert executor.actors_started["fetch"] == executor.pool_sizes["fetch"] < shards
+    # (fewer shards per actor than img2dataset_workers.MAX_TASKS, after which a worker is replaced)
     assert seen and len(seen) <= executor.pool_sizes["fetch"], seen
-    _, alive = psutil.wait_procs([psutil.Process(pid) for pid in seen if psutil.pid_exists(pid)], timeout=30)
-    assert not alive  # the actors left their sessions, which stopped the workers
+    # Every actor left its session before it was killed, and that stopped the workers.
+    assert executor.sessions_closed["fetch"] == executor.pool_sizes["fetch"]
+    workers = []
+    for pid in seen:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            workers.append(psutil.Process(pid))
+    _, alive = psutil.wait_procs(workers, timeout=30)
+    assert not alive
+
+
+def test_a_session_that_cannot_start_on_a_worker_stops_the_stage_with_its_error(tmp_path, local_ray):
+    from densefusion_hf.runners.ray import RayExecutor
+    from densefusion_hf.stages.base import BuildContext, ShardStage
+
+    class NoModel(ShardStage):  # defined here, so Ray sends it by value
+        name = "embed"
+        session_per_worker = True
+
+        def session(self, ctx):
+            raise UserError("the model folder /nowhere does not exist")
+
+    recipe = load_recipe(DEMO_RECIPE)
+    executor = RayExecutor(recipe, "df-hf build again")
+    started = time.monotonic()
+    with pytest.raises(RuntimeError) as info:
+        list(executor.map(BuildContext(recipe, tmp_path, show_progress=False), NoModel(), "run_shard",
+                          ["00000", "00001"], session=True))
+    message = str(info.value)
+    assert "/nowhere does not exist" in message and "df-hf build again" in message, message
+    assert executor.actors_started["embed"] == executor.pool_sizes["embed"]  # not retried max_retries times
+    assert time.monotonic() - started < 120
 
 
 def test_a_killed_driver_is_resumed_by_the_same_command(demo_build, tmp_path):

@@ -17,6 +17,7 @@ markers make a rerun of the same command resume.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import secrets
@@ -148,6 +149,7 @@ class RayExecutor:
         self.actors: dict[str, list] = {}  # the live actors of the stage running now, by stage name
         self.actors_started: dict[str, int] = {}  # actors started per stage, replacements included
         self.pool_sizes: dict[str, int] = {}
+        self.sessions_closed: dict[str, int] = {}  # actors that left their session when their stage ended
 
     # -- checks made before anything runs ---------------------------------------------------------------
     def check_resources(self, stages: list[str]) -> None:
@@ -206,6 +208,11 @@ class RayExecutor:
         """What the driver raises when an item cannot be done: the worker's own error where it has one."""
         from ray.exceptions import RayTaskError
 
+        if getattr(exc, "actor_init_failed", False):  # the session could not start: retrying will not help
+            lines = [line for line in str(exc).splitlines() if line.strip()]
+            return RuntimeError(f"stage {stage.name}: a Ray worker could not start the stage's session "
+                                f"({lines[-1].strip() if lines else type(exc).__name__}). Fix the cause and run "
+                                f"`{self.rerun}` to resume.")
         if isinstance(exc, RayTaskError):
             cause = getattr(exc, "cause", None)
             if isinstance(cause, (UserError, KeyboardInterrupt, OSError)):  # a full disk is explained by the runner
@@ -284,7 +291,8 @@ class RayExecutor:
                     # The actor died (killed, out of memory, node lost): its shard goes to a new one.
                     attempts[item] = attempts.get(item, 0) + 1
                     self.actors[stage.name].remove(actor)
-                    if attempts[item] > self.runner.max_retries:
+                    ray.kill(actor)  # "unavailable" may still be alive; killing a dead actor does nothing
+                    if attempts[item] > self.runner.max_retries or getattr(exc, "actor_init_failed", False):
                         raise self._failed(stage, item, exc) from None
                     queue.insert(0, item)
                     idle.append(self._new_actor(ctx_ref, stage, workers))
@@ -296,15 +304,23 @@ class RayExecutor:
             finished = True
         finally:
             # After a failure the busy actors are not waited for: killing them stops their workers too.
-            self._stop_actors(self.actors.pop(stage.name, []), grace_s=30 if finished else 0)
+            self.sessions_closed[stage.name] = self._stop_actors(self.actors.get(stage.name, []),
+                                                                 grace_s=30 if finished else 0)
+            self.actors.pop(stage.name, None)
 
-    def _stop_actors(self, actors: list, grace_s: float = 30) -> None:
-        """Each actor leaves its session, waited for at most ``grace_s``, then is killed."""
-        closing = [actor.close.remote() for actor in actors] if grace_s else []
-        if closing:
-            self.ray.wait(closing, num_returns=len(closing), timeout=grace_s)
-        for actor in actors:
-            self.ray.kill(actor)
+    def _stop_actors(self, actors: list, grace_s: float = 30) -> int:
+        """Each actor leaves its session, waited for at most ``grace_s``, then is killed (all of them, whatever
+        happens while waiting); returns how many left their session in time."""
+        closed = 0
+        try:
+            closing = [actor.close.remote() for actor in actors] if grace_s else []
+            if closing:
+                closed = len(self.ray.wait(closing, num_returns=len(closing), timeout=grace_s)[0])
+        finally:
+            for actor in actors:
+                with contextlib.suppress(Exception):
+                    self.ray.kill(actor)
+        return closed
 
     def close(self) -> None:
         for actors in self.actors.values():

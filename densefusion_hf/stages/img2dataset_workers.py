@@ -48,7 +48,12 @@ def _die_with_parent(parent: int) -> None:
     a worker of a killed build or Ray actor finishes the part it holds, writing into the scratch folder that
     the rerun downloads into (an idle one exits when its task queue closes)."""
     if sys.platform.startswith("linux"):
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        try:
+            prctl = ctypes.CDLL(None, use_errno=True).prctl
+            prctl.argtypes, prctl.restype = [ctypes.c_int, ctypes.c_ulong], ctypes.c_int
+            prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL))  # best effort: a worker that cannot ask still works
+        except (OSError, AttributeError):
+            pass
         if os.getppid() != parent:  # the parent died before the request was made
             os._exit(1)
 
