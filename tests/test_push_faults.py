@@ -81,8 +81,9 @@ def test_a_push_killed_at_random_instants_ends_with_the_local_files_each_uploade
     env = dict(hub_env, PYTHONUNBUFFERED="1")
     kills = []
     for _ in range(8):
-        # An instant: after the n-th write request of this attempt began, plus a random delay.
-        after, delay = rng.randint(1, 3), rng.uniform(0.0, 0.05)
+        # An instant: after the n-th write request of this attempt began, plus a random delay of a few ms (the
+        # fake Hub answers a write in ms: a longer delay lets one attempt finish what was left).
+        after, delay = rng.randint(1, 3), rng.uniform(0.0, 0.005)
         start = writes_seen(fake_hub)
         process = subprocess.Popen(push_command(folder), env=env, cwd=REPO, stdout=subprocess.DEVNULL,
                                    stderr=subprocess.DEVNULL, start_new_session=True)
