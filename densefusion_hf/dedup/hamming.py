@@ -81,8 +81,16 @@ def hamming_pairs(
     n = len(h)
     if n < 2:
         return np.zeros((0, 2), dtype=np.int64)
-    distinct, inverse, counts = np.unique(h, return_inverse=True, return_counts=True)
-    return _expand_groups(_distinct_pairs(distinct, t, chunks), inverse.ravel(), counts)
+    distinct = np.sort(h)
+    edge = np.empty(n, dtype=bool)
+    edge[0] = True
+    np.not_equal(distinct[1:], distinct[:-1], out=edge[1:])
+    distinct = distinct[edge]
+    del edge
+    pairs = _distinct_pairs(distinct, t, chunks)
+    # Which distinct hash each row has, looked up only now: not held through the search, the peak.
+    inverse = np.searchsorted(distinct, h)
+    return _expand_groups(pairs, inverse, np.bincount(inverse, minlength=len(distinct)))
 
 
 def brute_force_pairs(hashes: np.ndarray, threshold: int) -> np.ndarray:
@@ -188,17 +196,27 @@ def _search_chunk(u: np.ndarray, t: int, shift: int, width: int, radius: int) ->
     others = ~np.uint64(((1 << width) - 1) << shift)
 
     def fold(positions: np.ndarray) -> np.ndarray:
-        rest = hs[positions] & others
-        return (rest ^ (rest >> np.uint64(32))) & _LOW32
+        rest = hs[positions]
+        rest &= others
+        rest ^= rest >> np.uint64(32)
+        rest &= _LOW32
+        return rest
 
     small = np.flatnonzero(size <= 2)
     two = bool((size == 2).any())
-    entry = fold(first[small])
-    if two:  # a singleton repeats its fold in the high half: that only re-tests the same pair
-        second = fold(np.minimum(first[small] + 1, len(hs) - 1))
-        entry |= np.where(size[small] == 2, second, entry) << np.uint64(32)
     table = np.empty(1 << width, dtype=np.uint64 if two else np.uint32)  # only occupied values are read
-    table[values[small]] = entry.astype(table.dtype)
+    for lo in range(0, len(small), _BATCH):  # a block of buckets at a time: the temporaries stay bounded
+        block = small[lo:lo + _BATCH]
+        entry = fold(first[block])
+        if two:  # a singleton repeats its fold in the high half: that only re-tests the same pair
+            second = fold(np.minimum(first[block] + 1, len(hs) - 1))
+            pair = size[block] == 2
+            second[~pair] = entry[~pair]
+            second <<= np.uint64(32)
+            entry |= second
+            del second, pair
+        table[values[block]] = entry
+        del entry, block
     small_words, any_words = _bitmap(values[small], nwords), _bitmap(values, nwords)
     counts = _popcount(any_words).astype(np.int64)
     before = np.cumsum(counts) - counts  # occupied values in earlier words: bucket numbers by rank
