@@ -113,6 +113,7 @@ def test_fetch_actors_keep_img2dataset_workers_from_shard_to_shard_then_stop_the
     from densefusion_hf.runners.ray import RayExecutor
 
     recipe, workdir = load_recipe(DEMO_RECIPE), tmp_path / "work"
+    recipe.fetch.processes = 2  # with one, an actor downloads in its own process and starts no worker
     executor = RayExecutor(recipe, "rerun")
     build(recipe, workdir, only="ingest", show_progress=False, executor=executor)
     shards = len(StageDir(workdir, "ingest").done_shards())
@@ -132,11 +133,11 @@ def test_fetch_actors_keep_img2dataset_workers_from_shard_to_shard_then_stop_the
         stop.set()
         watcher.join()
     assert len(StageDir(workdir, "fetch").done_shards()) == shards
-    # Fewer actors than shards, and each actor's one img2dataset worker (fetch.processes: 1) served all its
+    # Fewer actors than shards, and each actor's two img2dataset workers (fetch.processes: 2) served all its
     # shards: no worker was started per shard.
     assert executor.actors_started["fetch"] == executor.pool_sizes["fetch"] < shards
-    # (fewer shards per actor than img2dataset_workers.MAX_TASKS, after which a worker is replaced)
-    assert seen and len(seen) <= executor.pool_sizes["fetch"], seen
+    # (fewer parts per worker than img2dataset_workers.MAX_TASKS, after which a worker is replaced)
+    assert seen and len(seen) <= 2 * executor.pool_sizes["fetch"], seen
     # Every actor left its session before it was killed, and that stopped the workers.
     assert executor.sessions_closed["fetch"] == executor.pool_sizes["fetch"]
     workers = []

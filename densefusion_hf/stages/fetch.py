@@ -132,7 +132,7 @@ def _close_img2dataset_workers() -> None:
 
 class Fetch(ShardStage):
     name = "fetch"
-    session_per_worker = True  # img2dataset's worker processes, started once per worker (9-18 s each)
+    session_per_worker = True  # img2dataset's worker processes (fetch.processes > 1), started once per worker
 
     def params(self, recipe: Recipe) -> dict:
         params: dict = {"resize_max_side": recipe.fetch.resize.max_side}

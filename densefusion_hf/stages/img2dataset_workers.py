@@ -6,7 +6,8 @@ Fetch calls it once per shard, so it paid that start on every shard: the main pa
 one img2dataset run on the same URLs (``benchmarks/pipeline_scale.py``).  While ``shared_workers`` is active,
 img2dataset's multiprocessing distributor uses one pool per process and worker count, kept for the next shard
 (workers are still replaced after ``MAX_TASKS`` parts, as img2dataset does, to bound leaks), and its logger
-process, which only prints totals (fetch reads the per-part stats files itself), is not started.
+process, which only prints totals (fetch reads the per-part stats files itself), is not started.  With
+``fetch.processes: 1`` the parts are downloaded in the calling process itself, with no worker to start.
 """
 
 from __future__ import annotations
@@ -66,7 +67,16 @@ def new_pool(processes: int) -> multiprocessing.pool.Pool:
 
 
 def _distributor(processes_count, downloader, reader, _subjob_size, max_shard_retry):
-    """img2dataset's ``multiprocessing_distributor`` on a kept pool."""
+    """img2dataset's ``multiprocessing_distributor`` on a kept pool; with one process, in this one."""
+    if processes_count == 1:
+        # One worker would only run the parts in turn, as this process can: it adds its start (an import of
+        # img2dataset and torch, 9-18 s on two busy cores) and no parallelism, which is img2dataset's thread pool
+        # inside each part. A Ray actor is already a process of its own.
+        def run(parts):
+            return [row for ok, row in map(downloader, parts) if ok is False]
+
+        retrier(run, run(reader), max_shard_retry)
+        return
     pool = _pools.get(processes_count)
     if pool is None:
         pool = _pools[processes_count] = new_pool(processes_count)
