@@ -16,6 +16,7 @@ import pytest
 from densefusion_hf.runners.local import build
 from densefusion_hf.recipe import load_recipe
 from densefusion_hf.stages.shards import StageDir
+from densefusion_hf.fusion.workers import needs_pixels
 from densefusion_hf.stages.caption import Captioner
 from tests.conftest import REPO, load_published, run_cli, write_metadata, write_recipe
 
@@ -111,6 +112,22 @@ def test_broken_image_is_dropped_with_its_reason_and_the_rest_captioned(tmp_path
     assert [(d["key"], d["reason"]) for d in drops] == [("b", "undecodable")]
     assert "OSError" in drops[0]["detail"] or "truncated" in drops[0]["detail"].lower()
     assert "\u201cGRAND OPENING\u201d" in captioned.column("caption")[0].as_py()
+
+
+def test_the_template_engine_with_no_expert_decodes_no_image(tmp_path, photo_files):
+    # Nothing looks at the pixels, so none are decoded (fetch decoded every image to the last byte already):
+    # bytes that do not decode here go through, captioned from their alt text.
+    no_expert = {"engine": "template", "experts": {"ocr": {"engine": None}}, "rows_per_chunk": 1}
+    recipe = load_recipe(write_caption_recipe(tmp_path, "http://127.0.0.1:9", no_expert))
+    assert not needs_pixels(recipe.caption)
+    assert needs_pixels(load_recipe(write_caption_recipe(tmp_path, "http://127.0.0.1:9", TEMPLATE)).caption)
+    captioner = Captioner(recipe, tmp_path / "work")
+    rows = pa.table({"key": ["a", "b"], "url": ["u/a", "u/b"], "text": ["a shop sign", "a lighthouse at dusk"],
+                     "image": [photo_files["text/grand-opening.jpg"], photo_files["bad/truncated.jpg"]]})
+    captioned, drops, _ = captioner.caption_rows(rows)
+    assert drops == [] and captioned.column("key").to_pylist() == ["a", "b"]
+    assert "lighthouse at dusk" in captioned.column("caption")[1].as_py()
+    assert all(not prior["ocr"] for prior in captioned.column("priors").to_pylist())
 
 
 def test_an_image_without_text_has_no_ocr_lines(tmp_path):

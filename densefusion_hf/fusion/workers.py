@@ -23,7 +23,7 @@ from typing import Iterable, Iterator
 import pyarrow as pa
 
 from densefusion_hf.errors import UserError
-from densefusion_hf.fusion.experts import apply, load_experts
+from densefusion_hf.fusion.experts import apply, enabled_experts, load_experts
 from densefusion_hf.fusion.priors import Priors, clean_alt_text
 
 
@@ -32,20 +32,30 @@ class Prepared:
     """A chunk after its first pass: the rows (with image bytes), the decoded images and their priors."""
 
     rows: pa.Table
-    images: list
+    images: list  # None per row where nothing needs pixels (``needs_pixels``)
     priors: list[Priors]
     decoded: list[bool]
     drops: list[dict]
     seconds: Counter = field(default_factory=Counter)
 
 
+def needs_pixels(settings) -> bool:
+    """Whether anything in the caption stage looks at the images: an expert, or an engine other than the
+    template, which writes out the priors alone (fetch has already decoded every image once)."""
+    return bool(enabled_experts(settings)) or settings.engine != "template"
+
+
 def first_pass(settings, experts: list, rows: pa.Table) -> Prepared:
-    """Decode ``rows``' images, clean their alt texts and run ``experts`` on them (boxes not yet merged)."""
+    """Decode ``rows``' images where anything needs them, clean their alt texts and run ``experts`` on them
+    (boxes not yet merged)."""
     from densefusion_hf.stages.base import decode_rows
 
     seconds: Counter = Counter()
     started = time.perf_counter()
-    images, decoded, drops = decode_rows(rows)
+    if needs_pixels(settings):
+        images, decoded, drops = decode_rows(rows)
+    else:
+        images, decoded, drops = [None] * rows.num_rows, [True] * rows.num_rows, []
     alt = settings.experts.alt_text
     texts = [text for text, ok in zip(rows.column("text").to_pylist(), decoded) if ok]
     priors = [Priors(alt_text=clean_alt_text(text, alt.max_chars) if alt.enabled else "") for text in texts]

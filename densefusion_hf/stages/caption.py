@@ -3,8 +3,8 @@ them into text, and the caption engine writes the caption from image + prompt.
 
 Columns added: ``caption``, ``priors`` (tags, boxes with label / score / expert, OCR lines, the cleaned
 alt text, and the experts that failed on the image), ``caption_model``, ``prompt_version``,
-``caption_words``.  Rows whose image cannot be decoded, or for which no caption came out, are dropped
-with the reason (``undecodable``, ``caption_failed``, ``empty_caption``).
+``caption_words``.  Rows whose image cannot be decoded (where anything needs its pixels), or for which no
+caption came out, are dropped with the reason (``undecodable``, ``caption_failed``, ``empty_caption``).
 
 Captioning is the slowest stage, so each shard is done in chunks of ``caption.rows_per_chunk`` rows,
 each committed on its own under ``caption/chunks/<shard>/``: a crash loses at most one chunk.  When all
