@@ -15,6 +15,14 @@ def progress(total: int | None, desc: str, unit: str, enabled: bool = True, init
                 dynamic_ncols=True, leave=True, file=sys.stderr)
 
 
+def counted(items, total: int, desc: str, unit: str, enabled: bool = True, initial: int = 0):
+    """``items`` as they come (a stage's shards finishing anywhere), each one step of a progress bar."""
+    with progress(total, desc, unit, enabled, initial=initial) as bar:
+        for item in items:
+            yield item
+            bar.update(1)
+
+
 @contextlib.contextmanager
 def output_to_file(path: Path):
     """Send this process's stdout and stderr, and its children's, to ``path`` for the duration.

@@ -25,11 +25,11 @@ def dedup_build(tmp_path, image_server):
                    [{"URL": f"{image_server}/{p}", "WIDTH": widths[p], "similarity": 0.3 + i / 100}
                     for i, p in enumerate(PATHS)])
 
-    def run(**sections):
+    def run(show_progress=False, **sections):
         body = {"name": "dedup-test", "source": {"metadata": ["meta.parquet"], "rows_per_shard": 4},
                 "fetch": {"timeout": 5, "threads": 4}, "dedup": {"processes": 1}, **sections}
         recipe = load_recipe(write_recipe(tmp_path / "recipe.yaml", body))
-        build(recipe, tmp_path / "work", show_progress=False)
+        build(recipe, tmp_path / "work", show_progress=show_progress)
         return tmp_path / "work"
 
     return run
@@ -104,6 +104,19 @@ def test_embed_writes_clip_retrieval_layout_and_select_runs(dedup_build):
     assert {r["reason"] for r in select_drops.values()} <= {"too_small", "cluster_rank", "target_size",
                                                             "category_quota"}
     assert (workdir / "dataset" / "README.md").exists()
+
+
+def test_every_pass_over_the_shards_has_a_progress_bar(dedup_build, capsys):
+    # The passes before a global decision (reading the metadata, hashing, assigning to centroids, the
+    # within-cluster search) are most of their stage's time: each counts its shards as they finish.
+    dedup_build(show_progress=True, stages=["ingest", "fetch", "dedup", "embed", "semdedup"],
+                embed={"model": "sample:tiny-clip"}, semdedup={"clusters": 3, "eps": 0.0005})
+    err = capsys.readouterr().err
+    for bar, done in (("ingest: read", "3/3"), ("ingest: repeated URLs", "1/1"), ("ingest", "3/3"),
+                      ("fetch", "3/3"), ("dedup: hash", "3/3"), ("dedup", "3/3"), ("semdedup: assign", "3/3"),
+                      ("semdedup: search", "1/1"), ("semdedup", "3/3")):
+        assert any(line.startswith(f"{bar}: 100%") and f"| {done} " in line
+                   for line in err.replace("\r", "\n").splitlines()), (bar, err[-2000:])
 
 
 def test_seeded_rerun_selects_the_same_keys(dedup_build, tmp_path):

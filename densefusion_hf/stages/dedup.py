@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from densefusion_hf.console import counted
 from densefusion_hf.dedup.fidelity import fidelity
 from densefusion_hf.dedup.hamming import _popcount
 from densefusion_hf.dedup.phash import phash_many, refined_pairs
@@ -86,7 +87,8 @@ class Dedup(GlobalStage):
         measures.prepare()
         if ctx.recipe.dedup.perceptual:
             todo = [s for s in shards if not measures.is_done(s)]
-            for _ in ctx.executor.map(ctx, self, "measure_shard", todo, (source,)):
+            for _ in counted(ctx.executor.map(ctx, self, "measure_shard", todo, (source,)), len(shards),
+                             "dedup: hash", "shard", ctx.show_progress, initial=len(shards) - len(todo)):
                 pass
 
     def measure_shard(self, ctx: BuildContext, shard: str, source: StageDir) -> dict:

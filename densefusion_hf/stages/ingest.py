@@ -34,7 +34,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from densefusion_hf.console import progress
+from densefusion_hf.console import counted, progress
 from densefusion_hf.errors import UserError
 from densefusion_hf.keys import url_key
 from densefusion_hf.recipe import MetadataFilters, Recipe
@@ -274,19 +274,20 @@ class Ingest(Stage):
         partitions = max(1, math.ceil(total_rows / KEYS_PER_PARTITION))
         dups = [keys_dir / f"dups-{p:05d}.parquet" for p in range(partitions)]
         kept = dropped = 0
+        if not all(map(out.is_done, shards)):
+            # Every shard's keys decide which rows repeat an earlier URL, so a shard redone after the
+            # passes' files were removed (a damaged one) has them all measured again.
+            todo = [s for s in shards if not measure.is_done(s)]
+            for _ in counted(ctx.executor.map(ctx, self, "filter_shard", todo, (files, counts), heavy=True),
+                             len(shards), "ingest: read", "shard", ctx.show_progress, initial=len(shards) - len(todo)):
+                pass
+            todo = [p for p in range(partitions) if not dups[p].exists()]
+            for _ in counted(ctx.executor.map(ctx, self, "find_repeats", todo, (shards, partitions), heavy=False),
+                             partitions, "ingest: repeated URLs", "key range", ctx.show_progress,
+                             initial=partitions - len(todo)):
+                pass
         with progress(len(shards), self.name, "shard", ctx.show_progress,
                       initial=sum(map(out.is_done, shards))) as bar:
-            if not all(map(out.is_done, shards)):
-                # Every shard's keys decide which rows repeat an earlier URL, so a shard redone after the
-                # passes' files were removed (a damaged one) has them all measured again.
-                todo = [s for s in shards if not measure.is_done(s)]
-                bar.set_postfix_str("reading the metadata")
-                for _ in ctx.executor.map(ctx, self, "filter_shard", todo, (files, counts), heavy=True):
-                    pass
-                bar.set_postfix_str("finding repeated URLs")
-                todo = [p for p in range(partitions) if not dups[p].exists()]
-                for _ in ctx.executor.map(ctx, self, "find_repeats", todo, (shards, partitions), heavy=False):
-                    pass
             todo = [s for s in shards if not out.is_done(s)]
             for _, stats in ctx.executor.map(ctx, self, "write_shard", todo, (partitions,), heavy=False):
                 kept += stats["rows_out"]

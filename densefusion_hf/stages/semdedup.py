@@ -26,6 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from densefusion_hf.console import counted
 from densefusion_hf.dedup.semantic import assign_to_centroids, choose_kept, duplicate_groups, train_centroids
 from densefusion_hf.recipe import Recipe
 from densefusion_hf.stages.base import BuildContext, GlobalStage, decision_table
@@ -69,7 +70,8 @@ class SemDedup(GlobalStage):
                 np.save(handle, centroids)
             os.replace(tmp, centroids_path)
         todo = [s for s in shards if not assigned.is_done(s)]
-        for _ in ctx.executor.map(ctx, self, "assign_shard", todo):
+        for _ in counted(ctx.executor.map(ctx, self, "assign_shard", todo), len(shards), "semdedup: assign",
+                         "shard", ctx.show_progress, initial=len(shards) - len(todo)):
             pass
         sizes = np.zeros(len(np.load(centroids_path, mmap_mode="r")), np.int64)
         for shard in shards:
@@ -79,7 +81,8 @@ class SemDedup(GlobalStage):
         n_groups = max(1, math.ceil(int(sizes.sum()) / ROWS_PER_GROUP))
         groups_dir.mkdir(parents=True, exist_ok=True)
         todo = [g for g in range(n_groups) if not (groups_dir / f"group-{g:05d}.parquet").exists()]
-        for _ in ctx.executor.map(ctx, self, "group_clusters", todo, (shards, n_groups)):
+        for _ in counted(ctx.executor.map(ctx, self, "group_clusters", todo, (shards, n_groups)), n_groups,
+                         "semdedup: search", "cluster group", ctx.show_progress, initial=n_groups - len(todo)):
             pass
 
     def assign_shard(self, ctx: BuildContext, shard: str) -> dict:
