@@ -159,3 +159,36 @@ def test_glob_matching_nothing_is_explained(tmp_path):
     recipe = load_recipe(write_recipe(tmp_path / "r.yaml", {"name": "g", "source": {"metadata": ["none/*.parquet"]}}))
     with pytest.raises(UserError, match="matches no file"):
         build(recipe, tmp_path / "work", show_progress=False)
+
+
+def test_repeated_urls_are_found_the_same_over_many_key_ranges(tmp_path, monkeypatch, capsys):
+    # At scale the keys are split into ranges deduplicated in turn (bounded memory); here 60 keys in ranges
+    # of 5 must keep exactly the rows one range keeps: the first row of each URL, in the metadata's order.
+    import random
+
+    from densefusion_hf.stages import ingest
+
+    rng = random.Random(7)
+    urls = [f"https://images.example/{rng.randrange(25)}.jpg" for _ in range(60)]
+    write_metadata(tmp_path / "meta.parquet", [{"URL": u, "TEXT": f"row {i}"} for i, u in enumerate(urls)])
+    body = {"name": "ranges", "source": {"metadata": ["meta.parquet"], "rows_per_shard": 7}}
+    recipe = load_recipe(write_recipe(tmp_path / "recipe.yaml", body))
+
+    def ingested(workdir):
+        out = StageDir(workdir, "ingest")
+        kept = [(r["url"], r["text"]) for s in out.done_shards() for r in out.read(s).to_pylist()]
+        dropped = sorted((r["url"], r["reason"]) for r in out.read_dropped().to_pylist())
+        return kept, dropped
+
+    build(recipe, tmp_path / "one", only="ingest", show_progress=False)
+    monkeypatch.setattr(ingest, "KEYS_PER_PARTITION", 5)
+    build(recipe, tmp_path / "many", only="ingest", show_progress=True)
+    bars = capsys.readouterr().err.replace("\r", "\n").splitlines()
+    assert any(b.startswith("ingest: repeated URLs: 100%") and "| 12/12 " in b for b in bars)  # 12 ranges
+    assert ingested(tmp_path / "many") == ingested(tmp_path / "one")
+    first = {}
+    for i, url in enumerate(urls):
+        first.setdefault(url, i)
+    kept, dropped = ingested(tmp_path / "many")
+    assert kept == [(u, f"row {i}") for i, u in enumerate(urls) if first[u] == i]
+    assert dropped == sorted((u, "duplicate_url") for i, u in enumerate(urls) if first[u] != i)

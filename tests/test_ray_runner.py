@@ -97,6 +97,45 @@ def test_a_caption_actor_killed_mid_shard_is_replaced_and_the_rows_are_identical
     assert _dataset_rows(workdir) == _dataset_rows(demo_build)
 
 
+def test_a_shard_lost_more_often_than_max_retries_stops_the_build_with_the_rerun_command(tmp_path, local_ray):
+    from densefusion_hf.runners.local import build
+    from densefusion_hf.runners.ray import RayExecutor
+
+    recipe, workdir = load_recipe(DEMO_RECIPE), tmp_path / "work"
+    build(recipe, workdir, only="ingest,fetch,dedup", show_progress=False)
+    recipe.runner.max_retries, recipe.runner.embed.workers = 0, 1  # one actor, and no second try
+    executor = RayExecutor(recipe, "df-hf build RERUN")
+    failure = []
+
+    def run():
+        try:
+            build(recipe, workdir, only="embed", show_progress=False, executor=executor)
+        except BaseException as exc:  # noqa: BLE001 - looked at by the test
+            failure.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    deadline = time.monotonic() + 300
+    while not executor.actors.get("embed") and thread.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    actor = executor.actors["embed"][0]
+    ray.get(actor.pid.remote())  # answered after the shard in hand: the actor is taking its next one
+    ray.kill(actor)
+    thread.join(timeout=300)
+    assert not thread.is_alive() and len(failure) == 1
+    message = str(failure[0])
+    assert isinstance(failure[0], UserError) and "stage embed" in message and "was lost 1 times" in message
+    assert "`df-hf build RERUN`" in message and "runner.embed" in message
+    done = StageDir(workdir, "embed").done_shards()
+    assert 1 <= len(done) < len(StageDir(workdir, "dedup").done_shards())  # the finished shard is kept
+    # The same build, resumed: the rest of the shards, none done twice.
+    before = {s: (workdir / "embed" / f"shard-{s}.done").stat().st_mtime_ns for s in done}
+    recipe.runner.max_retries = 3
+    build(recipe, workdir, only="embed", show_progress=False, executor=RayExecutor(recipe, "rerun"))
+    assert StageDir(workdir, "embed").done_shards() == StageDir(workdir, "dedup").done_shards()
+    assert all((workdir / "embed" / f"shard-{s}.done").stat().st_mtime_ns == t for s, t in before.items())
+
+
 def _img2dataset_workers_of_actors() -> dict[int, int]:
     """img2dataset's spawned workers whose parent is a Ray actor of the runner: {worker pid: actor pid}."""
     found = {}
@@ -181,9 +220,14 @@ def test_a_killed_driver_is_resumed_by_the_same_command(demo_build, tmp_path):
     deadline = time.monotonic() + 600
     while not marker.exists() and time.monotonic() < deadline and child.poll() is None:
         time.sleep(0.02)
+    # From another terminal, during the Ray build: what is done so far.
+    status = run_cli("status", str(workdir))
     os.killpg(child.pid, signal.SIGKILL)  # the driver and the local Ray it started
     child.wait()
     assert marker.exists() and not (workdir / "dataset").exists()
+    assert status.returncode == 0, status.stderr
+    lines = {line.split()[0]: line for line in status.stdout.splitlines() if line.split()}
+    assert "done" in lines["fetch"] and "done" in lines["dedup"] and "embed" in lines, status.stdout
     result = run_cli("build", str(DEMO_RECIPE), "--workdir", str(workdir), "--runner", "ray", "--no-progress")
     assert result.returncode == 0, result.stderr
     assert _dataset_rows(workdir) == _dataset_rows(demo_build)
@@ -233,6 +277,26 @@ def test_unknown_runner_settings_name_the_field(tmp_path):
                                                 "runner": {"caption": {"workers": 4, "max_workers": 2}}})
     with pytest.raises(RecipeError, match=r"runner\.caption.*max_workers"):
         load_recipe(recipe)
+
+
+def test_runner_settings_change_no_fingerprint_and_are_listed_with_the_recipe_fields(tmp_path):
+    # Speed only: a build resumed with other workers, batch sizes or retries must not be refused as changed.
+    from densefusion_hf.runners.manifest import fingerprint
+    from densefusion_hf.stages import STAGES
+
+    base = load_recipe(DEMO_RECIPE)
+    changed = load_recipe(write_recipe(tmp_path / "r.yaml", {"extends": str(DEMO_RECIPE), "runner": {
+        "max_retries": 1, "fetch": {"cpus": 2, "workers": 3}, "embed": {"cpus": 0.5, "batch_size": 7},
+        "caption": {"workers": 1, "max_workers": 4, "batch_size": 3}}}))
+    assert changed.runner != base.runner
+    upstream = {"base": None, "changed": None}
+    for name in base.stages:
+        for label, recipe in (("base", base), ("changed", changed)):
+            upstream[label] = fingerprint(STAGES[name].params(recipe), upstream[label])
+        assert upstream["changed"] == upstream["base"], name
+    listed = run_cli("recipe", "fields").stdout
+    for field in ("runner.max_retries", "runner.caption.max_workers", "runner.embed.gpus", "runner.fetch.batch_size"):
+        assert field in listed, field
 
 
 def test_gpus_asked_of_a_cluster_without_them_are_refused_before_anything_runs(tmp_path, local_ray):
