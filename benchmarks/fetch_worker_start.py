@@ -35,7 +35,8 @@ def serve(root: str) -> None:
 
 
 def download(mode: str, root: str, address: str) -> None:
-    import img2dataset  # noqa: F401 - imported before timing, in both modes
+    import importlib
+
     import pyarrow as pa
     import pyarrow.parquet as pq
     from img2dataset.distributor import retrier
@@ -45,6 +46,7 @@ def download(mode: str, root: str, address: str) -> None:
     from densefusion_hf.stages import img2dataset_workers
     from densefusion_hf.stages.fetch import _close_img2dataset_workers, run_img2dataset
 
+    importlib.import_module("img2dataset")  # imported before timing, in both modes
     if mode == "kept-worker":
         pools = {}
 
@@ -66,8 +68,8 @@ def download(mode: str, root: str, address: str) -> None:
             folder = Path(scratch) / f"shard-{i}"
             folder.mkdir()
             urls = [f"{address}/{p}" for p in paths[i:i + SHARD]]
-            pq.write_table(pa.table({"url": urls, "text": [""] * len(urls), "row_key": [str(k) for k in range(len(urls))]}),
-                           folder / "urls.parquet")
+            keys = [str(k) for k in range(len(urls))]
+            pq.write_table(pa.table({"url": urls, "text": [""] * len(urls), "row_key": keys}), folder / "urls.parquet")
             begun = time.monotonic()
             run_img2dataset(str(folder / "urls.parquet"), str(folder / "out"), len(urls), options, guard,
                             str(folder / "log"))
