@@ -51,7 +51,9 @@ def download(mode: str, root: str, address: str) -> None:
         pools = {}
 
         def one_kept_worker(processes_count, downloader, reader, _subjob_size, max_shard_retry):
-            pool = pools.setdefault(processes_count, img2dataset_workers.new_pool(processes_count))
+            if processes_count not in pools:  # started once, kept for the next shards
+                pools[processes_count] = img2dataset_workers.new_pool(processes_count)
+            pool = pools[processes_count]
 
             def run(parts):
                 return [row for ok, row in pool.imap_unordered(downloader, parts) if ok is False]
