@@ -143,12 +143,10 @@ def _img2dataset_workers_of_actors() -> dict[int, int]:
     """img2dataset's spawned workers whose parent is a Ray actor of the runner: {worker pid: actor pid}. Only
     this process's descendants (its local Ray's): another build on the machine has actors too."""
     found = {}
-    ours = {child.pid for child in psutil.Process().children(recursive=True)}
-    for proc in psutil.process_iter(["pid", "ppid", "cmdline"]):
-        if proc.info["pid"] in ours and "spawn_main" in " ".join(proc.info["cmdline"] or ()):
-            with contextlib.suppress(psutil.Error):
-                if "_StageWorker" in " ".join(psutil.Process(proc.info["ppid"]).cmdline()):
-                    found[proc.info["pid"]] = proc.info["ppid"]
+    for proc in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if "spawn_main" in " ".join(proc.cmdline()) and "_StageWorker" in " ".join(proc.parent().cmdline()):
+                found[proc.pid] = proc.ppid()
     return found
 
 
